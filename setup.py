@@ -1,0 +1,128 @@
+"""Build linfusion_ops._C with torch.utils.cpp_extension (ninja).
+
+Environment:
+  LINFUSION_OPS_CUDA=0     CPU-only build even when a CUDA toolkit is present.
+  TORCH_CUDA_ARCH_LIST     archs to compile, e.g. "9.0" or "8.0;9.0". Default: the visible GPUs'
+                           archs, or "8.0;9.0" (Ampere, Hopper) when no GPU is visible.
+  MAX_JOBS                 parallel compile jobs (ninja).
+  CUDA_HOME                toolkit root (the folder holding bin/nvcc); found automatically.
+"""
+
+import glob
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+VERSION = "0.1.0"
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def _toolkit_root(nvcc: str):
+    """The toolkit folder for an nvcc, following wrapper scripts (`exec /path/to/nvcc "$@"`)."""
+    nvcc = os.path.realpath(nvcc)
+    root = os.path.dirname(os.path.dirname(nvcc))
+    if os.path.isdir(os.path.join(root, "lib64")) or os.path.isdir(os.path.join(root, "lib")):
+        return root
+    try:
+        text = Path(nvcc).read_text(errors="ignore")[:4096]
+    except OSError:
+        return None
+    match = re.search(r"(/\S+/bin/nvcc)\b", text)
+    return _toolkit_root(match.group(1)) if match and match.group(1) != nvcc else None
+
+
+def find_cuda_home():
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        path = os.environ.get(var)
+        if path and os.path.isfile(os.path.join(path, "bin", "nvcc")):
+            return path
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        root = _toolkit_root(nvcc)
+        if root:
+            return root
+    for root in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+        if os.path.isfile(os.path.join(root, "bin", "nvcc")):
+            return root
+    return None
+
+
+def want_cuda():
+    if os.environ.get("LINFUSION_OPS_CUDA", "1") == "0":
+        return False, None
+    import torch
+
+    if torch.version.cuda is None:
+        return False, None
+    cuda_home = find_cuda_home()
+    return cuda_home is not None, cuda_home
+
+
+WITH_CUDA, CUDA_HOME = want_cuda()
+if WITH_CUDA:
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def nvidia_wheel_include_dirs():
+    """Headers (cublas_v2.h, cusparse.h, ...) that torch's CUDA headers include and that pip's
+    nvidia-* wheels ship instead of the toolkit."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    dirs = []
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        for inc in sorted(glob.glob(os.path.join(base, "*", "include"))):
+            if glob.glob(os.path.join(inc, "cublas*.h")) or glob.glob(os.path.join(inc, "cusparse*.h")):
+                dirs.append(inc)
+    return dirs
+
+
+def cuda_archs():
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    archs = sorted({m for f in _get_cuda_arch_flags() for m in re.findall(r"(?:sm|compute)_(\d+a?)", f)})
+    return archs
+
+
+def extensions():
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    define_macros = [("LINFUSION_OPS_VERSION", f'"{VERSION}"')]
+    cxx_flags = ["-O3", "-fopenmp"] if sys.platform != "win32" else ["/O2"]
+    if not WITH_CUDA:
+        return [CppExtension("linfusion_ops._C", sources, define_macros=define_macros,
+                             include_dirs=[str(ROOT / "csrc")], extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])]
+    archs = cuda_archs()
+    define_macros += [("LINFUSION_OPS_WITH_CUDA", "1"),
+                      ("LINFUSION_OPS_CUDA_ARCHS", '"' + ";".join(archs) + '"')]
+    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+                  "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                  "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
+                  f"--threads={os.environ.get('NVCC_THREADS', '2')}"]
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    return [CUDAExtension("linfusion_ops._C", sources, define_macros=define_macros,
+                          include_dirs=[str(ROOT / "csrc")] + nvidia_wheel_include_dirs(),
+                          extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                          extra_link_args=["-fopenmp"])]
+
+
+setup(
+    name="linfusion_ops",
+    version=VERSION,
+    description="CUDA and C++ kernels for LinFusion linear attention and LongAlign long prompts",
+    packages=find_packages(include=["linfusion_ops", "linfusion_ops.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+)
