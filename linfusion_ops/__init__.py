@@ -1,5 +1,12 @@
 """linfusion_ops: CUDA and C++ kernels for LinFusion's generalized linear attention and
-LongAlign's segment-level text encoding, as PyTorch custom ops with autograd."""
+LongAlign's segment-level text encoding, as PyTorch custom ops with autograd.
+
+The diffusers integration (LinFusion, LinFusionAttnProcessor), the long-prompt encoder
+(LongPromptEncoder) and linfusion_ops.distributed load on first use, so `import linfusion_ops`
+needs only torch.
+"""
+
+import importlib
 
 from ._library import build_info, compiled
 from .ops import (
@@ -12,6 +19,21 @@ from .ops import (
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "LinFusion": "linfusion_ops.linfusion",
+    "LinFusionAttnProcessor": "linfusion_ops.linfusion",
+    "LongPromptEncoder": "linfusion_ops.long_prompt",
+    "distributed": "linfusion_ops.distributed",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        return module if name == "distributed" else getattr(module, name)
+    raise AttributeError(f"module 'linfusion_ops' has no attribute {name!r}")
+
+
 __all__ = [
     "build_info",
     "compiled",
@@ -20,4 +42,8 @@ __all__ = [
     "linear_attention_apply",
     "linear_attention_state",
     "merge_segments",
+    "LinFusion",
+    "LinFusionAttnProcessor",
+    "LongPromptEncoder",
+    "distributed",
 ]
