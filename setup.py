@@ -26,7 +26,7 @@ def _toolkit_root(nvcc: str):
     """The toolkit folder for an nvcc, following wrapper scripts (`exec /path/to/nvcc "$@"`)."""
     nvcc = os.path.realpath(nvcc)
     root = os.path.dirname(os.path.dirname(nvcc))
-    if os.path.isdir(os.path.join(root, "lib64")) or os.path.isdir(os.path.join(root, "lib")):
+    if os.path.isfile(os.path.join(root, "include", "cuda_runtime_api.h")):
         return root
     try:
         text = Path(nvcc).read_text(errors="ignore")[:4096]

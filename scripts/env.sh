@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Sourced by scripts/test.sh and scripts/bench.sh: make (once) and activate a virtual environment
+# with torch and the dev tools, and build linfusion_ops._C in place when its sources changed.
+#
+#   VENV=path                 where the environment lives (default: .venv in the repository)
+#   LINFUSION_OPS_CUDA=0      CPU-only build; TORCH_CUDA_ARCH_LIST, MAX_JOBS as for setup.py
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+if ! python -c "import torch" 2>/dev/null; then
+  echo "== installing torch"
+  python -m pip install -q --upgrade pip
+  python -m pip install -q torch
+fi
+if ! python -c "import pytest, ninja, diffusers, transformers, tqdm, matplotlib, safetensors, peft" 2>/dev/null; then
+  echo "== installing dev requirements"
+  python -m pip install -q -r "$ROOT/requirements-dev.txt"
+fi
+
+cd "$ROOT"
+# Rebuild only when a source or the build script is newer than the module.
+so=$(ls linfusion_ops/_C*.so 2>/dev/null | head -n 1 || true)
+if [ -z "$so" ] || [ -n "$(find csrc setup.py -newer "$so" -type f 2>/dev/null | head -n 1)" ]; then
+  echo "== building linfusion_ops._C (MAX_JOBS=${MAX_JOBS:-$(nproc)})"
+  MAX_JOBS="${MAX_JOBS:-$(nproc)}" python setup.py -q build_ext --inplace
+fi
+python -c "import linfusion_ops; print('linfusion_ops build:', linfusion_ops.build_info())"
