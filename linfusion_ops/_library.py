@@ -1,12 +1,15 @@
 """Loads the compiled module. The package still imports when it is missing or broken: one
 warning, and the public functions run linfusion_ops.reference instead."""
 
+import importlib
 import warnings
 
 import torch  # noqa: F401  (loads libc10 / libtorch before the extension)
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.linfusion_ops.*)
+    # import_module, not `from . import _C`: a missing module then reads "No module named
+    # 'linfusion_ops._C'" rather than a circular-import hint.
+    _C = importlib.import_module("linfusion_ops._C")  # registers torch.ops.linfusion_ops.*
 
     LOAD_ERROR = None
 except Exception as exc:  # ImportError, or OSError from a mismatched torch/CUDA
