@@ -8,6 +8,7 @@ only segments, tokenizes, runs the encoders (one batched call each) and builds t
 the pad embedding that a policy asks for.
 """
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -179,7 +180,6 @@ class LongPromptEncoder:
         return len(self.text_encoders) == 2
 
     def _check_tokenizers(self) -> int:
-        names = ["tokenizer", "tokenizer_2"]
         lengths = {tok.model_max_length for tok in self.tokenizers}
         if len(lengths) != 1:
             raise ValueError(f"LongPromptEncoder: tokenizer and tokenizer_2 differ in model_max_length ({lengths})")
@@ -188,7 +188,7 @@ class LongPromptEncoder:
         if not 3 <= length <= 4096:
             raise ValueError(f"LongPromptEncoder: tokenizer.model_max_length must be the encoder's context "
                              f"length (77 for CLIP), got {length}")
-        for name, tok in zip(names, self.tokenizers):
+        for name, tok in zip(["tokenizer", "tokenizer_2"], self.tokenizers):
             for special in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 if getattr(tok, special) is None:
                     raise ValueError(f"LongPromptEncoder: {name} has no {special}")
@@ -311,14 +311,10 @@ class LongPromptEncoder:
                 raise ValueError(
                     f"LongPromptEncoder: negative_prompt has {len(negatives)} entries, prompt has {len(prompts)}"
                 )
-        if self.requires_grad:
-            out = self._encode(prompts + negatives)
-        else:
-            with torch.no_grad():
-                out = self._encode(prompts + negatives)
+        with contextlib.nullcontext() if self.requires_grad else torch.no_grad():
+            embeds, pooled = self._encode(prompts + negatives)
 
         b = len(prompts)
-        embeds, pooled = out
         result = {"prompt_embeds": embeds[:b]}
         result["negative_prompt_embeds"] = torch.zeros_like(embeds) if zero_negative else embeds[b:]
         if self.is_sdxl:
