@@ -104,7 +104,7 @@ class LongPromptEncoder:
     Hidden states follow each pipeline's convention: the last hidden state of ``text_encoder``
     for SD 1.5 and SD 2.1 (SD 2.1's checkpoint already drops the last layer); for SD XL
     (``text_encoder_2`` given) the penultimate hidden states ``hidden_states[-2]`` of both
-    encoders concatenated on channels, and the pooled vector is ``text_encoder_2``'s
+    encoders concatenated on channels (both encoders get the same text), and the pooled vector is ``text_encoder_2``'s
     ``text_embeds`` of the prompt's FIRST segment: the first sentence for ``"longalign"``, the
     first up-to-75 tokens cut at a sentence boundary for ``"chunks"`` (what SD XL's own 77-token
     truncation gives). A real pooled output of a real text keeps the vector in the distribution
@@ -180,15 +180,20 @@ class LongPromptEncoder:
         return len(self.text_encoders) == 2
 
     def _check_tokenizers(self) -> int:
+        """The context length L shared by the tokenizers, checked against the encoders."""
+        names = ["tokenizer", "tokenizer_2"]
         lengths = {tok.model_max_length for tok in self.tokenizers}
         if len(lengths) != 1:
             raise ValueError(f"LongPromptEncoder: tokenizer and tokenizer_2 differ in model_max_length ({lengths})")
         length = lengths.pop()
-        # A tokenizer loaded without a max length reports a huge sentinel (int(1e30)).
-        if not 3 <= length <= 4096:
-            raise ValueError(f"LongPromptEncoder: tokenizer.model_max_length must be the encoder's context "
-                             f"length (77 for CLIP), got {length}")
-        for name, tok in zip(["tokenizer", "tokenizer_2"], self.tokenizers):
+        for name, tok, encoder in zip(names, self.tokenizers, self.text_encoders):
+            # A tokenizer loaded without its config reports a huge sentinel as its max length.
+            positions = getattr(getattr(encoder, "config", None), "max_position_embeddings", None)
+            if length < 3 or (positions is not None and length > positions):
+                raise ValueError(
+                    f"LongPromptEncoder: {name}.model_max_length must be the text encoder's context length "
+                    f"(max_position_embeddings = {positions}, 77 for CLIP), got {length}"
+                )
             for special in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 if getattr(tok, special) is None:
                     raise ValueError(f"LongPromptEncoder: {name} has no {special}")

@@ -256,6 +256,20 @@ def test_policy_matches_per_prompt_oracle(tokenizers, encoders, policy, max_toke
     torch.testing.assert_close(out["negative_prompt_embeds"], expected_negative)
 
 
+@pytest.mark.parametrize("policy", ["longalign", "chunks"])
+def test_pad_token_other_than_end_token(tokenizers, encoders, policy):
+    """SD 2.1's tokenizer pads with "!": the keep mask is positional, so a "!" in the text is
+    kept and the pad positions are not."""
+    tokenizer, text_encoder = tokenizers[1], encoders[0]
+    prompts = ["Wow! a red cat!! the big dog.", NON_ASCII]
+    out = LongPromptEncoder(tokenizer, text_encoder, max_tokens=60, policy=policy)(prompts, "!")
+    with torch.no_grad():
+        expected, _ = oracle_encode(prompts, [tokenizer], [text_encoder], 60, policy)
+        expected_negative, _ = oracle_encode(["!"], [tokenizer], [text_encoder], 60, policy)
+    torch.testing.assert_close(out["prompt_embeds"], expected)
+    torch.testing.assert_close(out["negative_prompt_embeds"], expected_negative.expand(2, -1, -1))
+
+
 def test_longalign_is_the_published_encoding(tokenizers, encoders):
     """For prompts whose sentences end in '.' (and fit in 75 tokens), the policy reproduces
     LongAlign's published encoding."""
