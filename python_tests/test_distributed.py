@@ -85,7 +85,9 @@ def oracle(q, k, v, w, feature_map, mask=None):
 def run_local(q, k, v, w, sizes_q, sizes_k, rank, counter, feature_map, mask=None, **kwargs):
     """This rank's output and gradients, asserting one all-reduce in the forward and one in the
     backward."""
-    q_r, k_r, v_r = (own(t, s, rank).detach().requires_grad_() for t, s in ((q, sizes_q), (k, sizes_k), (v, sizes_k)))
+    q_r, k_r, v_r = (
+        own(t, s, rank).detach().requires_grad_() for t, s in ((q, sizes_q), (k, sizes_k), (v, sizes_k))
+    )
     mask_r = None if mask is None else own(mask, sizes_k, rank)
     counter.take()
     out = sp.linear_attention(q_r, k_r, v_r, H, feature_map=feature_map, key_padding_mask=mask_r, **kwargs)
