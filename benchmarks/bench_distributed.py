@@ -159,7 +159,7 @@ def plot(rows, measured, world, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", type=int, default=2, help="number of local gloo processes")
     parser.add_argument(
         "--repeat", type=int, default=7, help="timed repeats per all-gather (10x for the all-reduce)"

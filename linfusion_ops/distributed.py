@@ -37,6 +37,7 @@ the backend usually reports itself (gloo raises; NCCL may hang instead); eps is 
 the backward is not detected.
 """
 
+import functools
 import zlib
 from typing import Optional
 
@@ -120,15 +121,21 @@ def _check_local_inputs(q, k, v, heads, key_padding_mask) -> None:
         )
 
 
-def _fingerprint(feature_map: str, dtype: torch.dtype, state_shape) -> list:
-    """_FINGERPRINT_DIGITS digits in [1, _FINGERPRINT_BASE] of a checksum of what must agree
-    across ranks. zlib.crc32 rather than hash(): Python's string hash differs per process."""
-    crc = zlib.crc32(repr((feature_map, str(dtype), tuple(state_shape))).encode())
-    digits = []
+@functools.lru_cache(maxsize=256)
+def _fingerprint(
+    feature_map: str, dtype: torch.dtype, state_shape: tuple, device: torch.device
+) -> torch.Tensor:
+    """(d_1, d_1^2, ..., d_4, d_4^2) on device, for _FINGERPRINT_DIGITS digits d in
+    [1, _FINGERPRINT_BASE] of a checksum of what must agree across ranks. zlib.crc32 rather than
+    hash(): Python's string hash differs per process. Cached, so that calls after the first make
+    no host-to-device copy (which CUDA graph capture would reject)."""
+    crc = zlib.crc32(repr((feature_map, str(dtype), state_shape)).encode())
+    values = []
     for _ in range(_FINGERPRINT_DIGITS):
-        digits.append(crc % _FINGERPRINT_BASE + 1)
+        digit = crc % _FINGERPRINT_BASE + 1
+        values += [digit, digit * digit]
         crc //= _FINGERPRINT_BASE
-    return digits
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _check_fingerprint(summed: torch.Tensor, world: int) -> None:
@@ -223,9 +230,7 @@ def linear_attention(
         count = torch.full((b,), k.shape[1], dtype=acc, device=state.device)
     else:
         count = key_padding_mask.sum(dim=1).to(acc)
-    digits = torch.tensor(
-        [[d, d * d] for d in _fingerprint(feature_map, acc, state.shape)], dtype=acc
-    ).flatten().to(state.device)
+    digits = _fingerprint(feature_map, acc, tuple(state.shape), state.device)
 
     packed = torch.cat(
         [
