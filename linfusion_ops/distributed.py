@@ -31,8 +31,10 @@ What is checked:
   B, H, Dk and Dv, from 8 extra values carried in the same all-reduce (a 24-bit fingerprint;
   `check_ranks=False` skips the device-to-host read this needs, and it is skipped inside
   torch.compile and CUDA graph capture).
-What is not checked: a mismatch in B, H, Dk or Dv changes the all-reduced buffer's length, which
-the backend usually reports itself (gloo raises; NCCL may hang instead); eps is not compared
+What is not checked: a mismatch in B, H, Dk or Dv that changes the all-reduced buffer's length
+is left to the backend, which does not raise a Python error (gloo aborts the process with a
+size-mismatch enforce failure, tested; NCCL may hang or read past the smaller buffer); the
+fingerprint catches the mismatches that keep the length; eps is not compared
 (it is applied locally, so a rank with another eps gets its own normalizer); a rank that skips
 the backward is not detected.
 """
