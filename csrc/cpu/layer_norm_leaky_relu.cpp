@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -15,10 +16,20 @@
 namespace linfusion_ops {
 namespace {
 
+// The build targets baseline x86-64 (SSE2), and these loops are memory-light enough that the
+// vector width decides their speed: GCC compiles the row functions once per target below and
+// picks one when the module loads.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define LINFUSION_OPS_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LINFUSION_OPS_CPU_CLONES
+#endif
+
 // Interleaved partial sums of a row reduction. A plain running sum is a serial dependency the
 // compiler may not reorder; kLanes independent sums, combined in a fixed order, vectorize and
 // give the same result on every run.
-constexpr int64_t kLanes = 8;
+constexpr int64_t kLanes = 16;
 
 template <typename acc_t, typename Term>
 inline acc_t lane_sum(int64_t n, const Term& term) {
@@ -70,6 +81,82 @@ at::Tensor into_layout_of(const at::Tensor& like, const Kernel& kernel) {
   return result;
 }
 
+// Rows [begin, end) of the forward. x, out (rows, C); weight, bias (C,) and mean, rstd (rows,)
+// in acc_t; row: C scratch values.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+LINFUSION_OPS_CPU_CLONES void forward_rows(const scalar_t* x, const acc_t* __restrict weight,
+                                           const acc_t* __restrict bias, scalar_t* out,
+                                           acc_t* mean, acc_t* rstd, acc_t* __restrict row,
+                                           int64_t begin, int64_t end, int64_t channels,
+                                           acc_t eps, acc_t slope) {
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(channels);
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* __restrict x_row = x + r * channels;
+    // Reduced-precision rows are widened once; fp32 / fp64 rows are read in place.
+    const acc_t* __restrict xr = row;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      xr = x_row;
+    } else {
+      for (int64_t c = 0; c < channels; ++c) row[c] = static_cast<acc_t>(x_row[c]);
+    }
+    // Two passes (mean, then squared deviations): no cancellation for rows far from zero.
+    const acc_t m = lane_sum<acc_t>(channels, [&](int64_t c) { return xr[c]; }) * inv_c;
+    const acc_t var = lane_sum<acc_t>(channels, [&](int64_t c) {
+                        const acc_t d = xr[c] - m;
+                        return d * d;
+                      }) *
+                      inv_c;
+    const acc_t rs = acc_t(1) / std::sqrt(var + eps);
+    scalar_t* __restrict out_row = out + r * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc_t y = pre_activation((xr[c] - m) * rs, weight[c], bias[c]);
+      out_row[c] = static_cast<scalar_t>(leaky_relu(y, slope));
+    }
+    mean[r] = m;
+    rstd[r] = rs;
+  }
+}
+
+// Rows [begin, end) of the backward. grad_out, x, grad_x (rows, C); weight, bias (C,), mean,
+// rstd (rows,) in acc_t; dw, db (C,): this chunk's weight / bias gradient sums, added to;
+// scratch: 2 C values.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+LINFUSION_OPS_CPU_CLONES void backward_rows(const scalar_t* grad_out, const scalar_t* x,
+                                            const acc_t* __restrict weight,
+                                            const acc_t* __restrict bias, const acc_t* mean,
+                                            const acc_t* rstd, scalar_t* grad_x,
+                                            acc_t* __restrict dw, acc_t* __restrict db,
+                                            acc_t* __restrict scratch, int64_t begin, int64_t end,
+                                            int64_t channels, acc_t slope) {
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(channels);
+  acc_t* __restrict xhat = scratch;
+  acc_t* __restrict dxhat = scratch + channels;  // dL/dy * weight
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* __restrict x_row = x + r * channels;
+    const scalar_t* __restrict g_row = grad_out + r * channels;
+    const acc_t m = mean[r];
+    const acc_t rs = rstd[r];
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc_t xh = (static_cast<acc_t>(x_row[c]) - m) * rs;
+      const acc_t y = pre_activation(xh, weight[c], bias[c]);
+      const acc_t g = static_cast<acc_t>(g_row[c]) * (y > acc_t(0) ? acc_t(1) : slope);
+      dw[c] += g * xh;
+      db[c] += g;
+      xhat[c] = xh;
+      dxhat[c] = g * weight[c];
+    }
+    // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    const acc_t mean_dxhat = lane_sum<acc_t>(channels, [&](int64_t c) { return dxhat[c]; }) *
+                             inv_c;
+    const acc_t mean_dxhat_xhat =
+        lane_sum<acc_t>(channels, [&](int64_t c) { return dxhat[c] * xhat[c]; }) * inv_c;
+    scalar_t* __restrict gx_row = grad_x + r * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      gx_row[c] = static_cast<scalar_t>(rs * (dxhat[c] - mean_dxhat - xhat[c] * mean_dxhat_xhat));
+    }
+  }
+}
+
 // x (rows, C), weight/bias (C,) in acc_t -> out (rows, C), mean/rstd (rows,) in acc_t.
 template <typename scalar_t>
 void forward_kernel(const scalar_t* x, const at::opmath_type<scalar_t>* weight,
@@ -77,31 +164,11 @@ void forward_kernel(const scalar_t* x, const at::opmath_type<scalar_t>* weight,
                     at::opmath_type<scalar_t>* mean, at::opmath_type<scalar_t>* rstd,
                     int64_t rows, int64_t channels, double eps, double negative_slope) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t slope = static_cast<acc_t>(negative_slope);
-  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(channels);
   const int64_t grain = std::max<int64_t>(1, kGrainElements / channels);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row(channels);
-    acc_t* xr = row.data();
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* x_row = x + r * channels;
-      for (int64_t c = 0; c < channels; ++c) xr[c] = static_cast<acc_t>(x_row[c]);
-      // Two passes (mean, then squared deviations): no cancellation for rows far from zero.
-      const acc_t m = lane_sum<acc_t>(channels, [&](int64_t c) { return xr[c]; }) * inv_c;
-      const acc_t var = lane_sum<acc_t>(channels, [&](int64_t c) {
-                          const acc_t d = xr[c] - m;
-                          return d * d;
-                        }) *
-                        inv_c;
-      const acc_t rs = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
-      scalar_t* out_row = out + r * channels;
-      for (int64_t c = 0; c < channels; ++c) {
-        const acc_t y = pre_activation((xr[c] - m) * rs, weight[c], bias[c]);
-        out_row[c] = static_cast<scalar_t>(leaky_relu(y, slope));
-      }
-      mean[r] = m;
-      rstd[r] = rs;
-    }
+    forward_rows<scalar_t>(x, weight, bias, out, mean, rstd, row.data(), begin, end, channels,
+                           static_cast<acc_t>(eps), static_cast<acc_t>(negative_slope));
   });
 }
 
@@ -115,8 +182,6 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* x,
                      at::opmath_type<scalar_t>* grad_weight, at::opmath_type<scalar_t>* grad_bias,
                      int64_t rows, int64_t channels, double negative_slope) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t slope = static_cast<acc_t>(negative_slope);
-  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(channels);
   const int64_t chunk_rows = std::max(ceil_div(rows, kMaxChunks),
                                       std::max<int64_t>(1, kGrainElements / channels));
   const int64_t chunks = ceil_div(rows, chunk_rows);
@@ -124,39 +189,13 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* x,
   std::vector<acc_t> partial(static_cast<size_t>(chunks * 2 * channels), acc_t(0));
 
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    // xhat and dxhat = dL/dy * weight of the current row.
     std::vector<acc_t> scratch(2 * channels);
-    acc_t* xhat = scratch.data();
-    acc_t* dxhat = xhat + channels;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc_t* dw = partial.data() + chunk * 2 * channels;
-      acc_t* db = dw + channels;
-      const int64_t row_end = std::min(rows, (chunk + 1) * chunk_rows);
-      for (int64_t r = chunk * chunk_rows; r < row_end; ++r) {
-        const scalar_t* x_row = x + r * channels;
-        const scalar_t* g_row = grad_out + r * channels;
-        const acc_t m = mean[r];
-        const acc_t rs = rstd[r];
-        for (int64_t c = 0; c < channels; ++c) {
-          const acc_t xh = (static_cast<acc_t>(x_row[c]) - m) * rs;
-          const acc_t y = pre_activation(xh, weight[c], bias[c]);
-          const acc_t g = static_cast<acc_t>(g_row[c]) * (y > acc_t(0) ? acc_t(1) : slope);
-          dw[c] += g * xh;
-          db[c] += g;
-          xhat[c] = xh;
-          dxhat[c] = g * weight[c];
-        }
-        // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-        const acc_t mean_dxhat = lane_sum<acc_t>(channels, [&](int64_t c) { return dxhat[c]; }) *
-                                 inv_c;
-        const acc_t mean_dxhat_xhat =
-            lane_sum<acc_t>(channels, [&](int64_t c) { return dxhat[c] * xhat[c]; }) * inv_c;
-        scalar_t* gx_row = grad_x + r * channels;
-        for (int64_t c = 0; c < channels; ++c) {
-          gx_row[c] =
-              static_cast<scalar_t>(rs * (dxhat[c] - mean_dxhat - xhat[c] * mean_dxhat_xhat));
-        }
-      }
+      backward_rows<scalar_t>(grad_out, x, weight, bias, mean, rstd, grad_x, dw, dw + channels,
+                              scratch.data(), chunk * chunk_rows,
+                              std::min(rows, (chunk + 1) * chunk_rows), channels,
+                              static_cast<acc_t>(negative_slope));
     }
   });
 
