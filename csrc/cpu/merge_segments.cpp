@@ -180,18 +180,28 @@ std::tuple<at::Tensor, at::Tensor> merge_segments_backward_cpu(const at::Tensor&
   const auto* src = static_cast<const char*>(grad.const_data_ptr());
   const int64_t stride_b = grad.stride(0) * elem;
   const int64_t stride_t = grad.stride(1) * elem;
+  // Each token row is written once: the gradient of the slot it filled, or zeros (dropped or
+  // truncated), instead of zero-filling (S, L, C) and then scattering over it.
+  std::vector<int64_t> slot_of_token(dims.segments * dims.length, -1);
+  for (int64_t i = 0; i < dims.prompts * dims.tokens; ++i) {
+    if (map.source[i] >= 0) slot_of_token[map.source[i]] = i;
+  }
   at::Tensor grad_embeds =
-      at::zeros({dims.segments, dims.length, dims.channels}, grad_merged.options());
+      at::empty({dims.segments, dims.length, dims.channels}, grad_merged.options());
   auto* dst = static_cast<char*>(grad_embeds.mutable_data_ptr());
-  // Each token fills at most one slot, so the scatter has no conflicting writes.
-  at::parallel_for(0, dims.prompts * dims.tokens, copy_grain(dims.channels),
+  at::parallel_for(0, dims.segments * dims.length, copy_grain(dims.channels),
                    [&](int64_t begin, int64_t end) {
-                     for (int64_t i = begin; i < end; ++i) {
-                       const int64_t token = map.source[i];
-                       if (token < 0) continue;
-                       std::memcpy(dst + token * row_bytes,
-                                   src + (i / dims.tokens) * stride_b + (i % dims.tokens) * stride_t,
-                                   row_bytes);
+                     for (int64_t token = begin; token < end; ++token) {
+                       const int64_t i = slot_of_token[token];
+                       char* row = dst + token * row_bytes;
+                       if (i < 0) {
+                         std::memset(row, 0, row_bytes);
+                       } else {
+                         std::memcpy(row,
+                                     src + (i / dims.tokens) * stride_b +
+                                         (i % dims.tokens) * stride_t,
+                                     row_bytes);
+                       }
                      }
                    });
 
