@@ -16,9 +16,9 @@
 namespace linfusion_ops {
 namespace {
 
-// The build targets baseline x86-64 (SSE2), and these loops are memory-light enough that the
-// vector width decides their speed: GCC compiles the row functions once per target below and
-// picks one when the module loads.
+// The build targets baseline x86-64 (SSE2), and the row loops do several flops per element read
+// from cache, so the vector width decides their speed: GCC compiles the row functions once per
+// target below and the loader picks the best one the CPU supports.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define LINFUSION_OPS_CPU_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
