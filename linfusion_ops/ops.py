@@ -129,6 +129,7 @@ if compiled():
     def _layer_norm_setup_context(ctx, inputs, output):
         x, weight, bias, eps, negative_slope = inputs
         _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)  # statistics for the backward, not results
         ctx.negative_slope = negative_slope
         ctx.save_for_backward(x, weight, bias, mean, rstd)
 
@@ -147,6 +148,7 @@ if compiled():
     def _merge_setup_context(ctx, inputs, output):
         embeds, keep, segment_ids, num_prompts, max_tokens, pad = inputs
         ctx.pad_per_slot = pad.dim() == 2
+        ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(keep, segment_ids, output[1])
 
     def _merge_backward(ctx, grad_merged, _grad_lengths):
