@@ -194,9 +194,12 @@ def test_gradients(dtype, d, masked):
     got = grads(ours, q, k, v, grad_out)
     want = grads(ref64, q.double(), k.double(), v.double(), grad_out.double())
     lowp_grads = grads(lowp, q, k, v, grad_out) if dtype in LOWP else want
+    # fp32 has no lower-precision reference: its floor is relative to the gradient's scale, with
+    # room for the cancellation in dq = (S do - (o . do) z) / den.
+    relative_floor = default_floor(dtype) * (10 if dtype == torch.float32 else 1)
     for name, x, lo, w in zip("qkv", got, lowp_grads, want):
         assert x.dtype == dtype
-        floor = default_floor(dtype) * w.abs().max().item()
+        floor = relative_floor * w.abs().max().item()
         assert_close_lowp(x, lo, w, floor=floor, name=f"grad_{name}")
 
 
