@@ -120,7 +120,7 @@ def plot(results, copy: float, path: Path, title: str) -> None:
 
     rows = [r for r in results if r["op"] == "linear_attention"]
     passes = ("fwd", "fwd+bwd")
-    fig, axes = plt.subplots(1, len(passes), figsize=(15, 5), sharey=True)
+    fig, axes = plt.subplots(1, len(passes), figsize=(20, 6), sharey=True)
     for ax, pass_name in zip(axes, passes):
         subset = [r for r in rows if r["pass"] == pass_name]
         labels = sorted({(r["N"], r["H"], r["D"], r["dtype"]) for r in subset})
