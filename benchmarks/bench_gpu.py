@@ -8,8 +8,10 @@ each module's cases(device) yields (case dict, fn, bytes). Writes
   {"commit", "device", "torch", "cuda", "copy_gbps",
    "cases": [{"op", "pass", "impl", <shape keys>, "dtype", "ms", "gbps", "bw_fraction"}]}
 
-with ms the median time, gbps = bytes / time / 1e9 and bw_fraction = gbps / copy_gbps, plus a
-PNG plot next to it, and prints a table with the ratio of each case to "reference".
+with ms the median time, gbps = bytes / time / 1e9 and bw_fraction = gbps / copy_gbps (plus
+peak_mb, the memory allocated while the case runs, and for linear-attention fwd+bwd extra_mb,
+that peak less o, dq, dk, dv), a PNG plot next to it, and prints a table with the ratio of each
+case to "reference".
 
 Usage: python benchmarks/bench_gpu.py [--out benchmarks/results] [--max-seconds 2]
 """
@@ -29,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import time_ms  # noqa: E402
+from benchmarks.common import peak_memory_mb, time_ms  # noqa: E402
 
 CASE_MODULES = ("benchmarks.gpu_cases_linear_attention", "benchmarks.gpu_cases_norm_merge")
 COPY_BYTES = 1 << 30  # 1 GiB source buffer: far beyond L2
-NON_SHAPE_KEYS = ("op", "pass", "impl", "dtype", "ms", "gbps", "bw_fraction")
+NON_SHAPE_KEYS = ("op", "pass", "impl", "dtype", "ms", "gbps", "bw_fraction", "peak_mb", "extra_mb")
 
 
 def git_commit() -> str:
@@ -69,8 +71,9 @@ def load_case_modules():
 
 
 def shape_key(case: dict) -> tuple:
-    """What identifies a case apart from its impl and its timings."""
-    return tuple((k, v) for k, v in case.items() if k not in ("impl", "ms", "gbps", "bw_fraction"))
+    """What identifies a case apart from its impl and its measurements."""
+    return tuple((k, v) for k, v in case.items()
+                 if k not in ("impl", "ms", "gbps", "bw_fraction", "peak_mb", "extra_mb"))
 
 
 def run_cases(modules, device, max_seconds: float, copy: float):
@@ -90,8 +93,14 @@ def run_cases(modules, device, max_seconds: float, copy: float):
                 progress.update()
                 continue
             gbps = nbytes / ms / 1e6
-            results.append({**case, "ms": round(ms, 5), "gbps": round(gbps, 2),
-                            "bw_fraction": round(gbps / copy, 4)})
+            row = {**case, "ms": round(ms, 5), "gbps": round(gbps, 2),
+                   "bw_fraction": round(gbps / copy, 4)}
+            # Memory allocated while the case runs, beyond what existed before (inputs).
+            row["peak_mb"] = round(peak_memory_mb(fn, device), 1)
+            if case["op"] == "linear_attention" and case["pass"] == "fwd+bwd":
+                # Beyond o, dq, dk, dv: half of the pass's traffic (8 tensors of one size).
+                row["extra_mb"] = round(row["peak_mb"] - nbytes / 2 / 2**20, 1)
+            results.append(row)
             progress.update()
         torch.cuda.empty_cache()
     progress.close()
@@ -100,7 +109,8 @@ def run_cases(modules, device, max_seconds: float, copy: float):
 
 def print_table(results) -> None:
     reference_ms = {shape_key(r): r["ms"] for r in results if r["impl"] == "reference"}
-    header = f"{'op':<22} {'pass':<8} {'impl':<14} {'shape':<34} {'dtype':<5} {'ms':>10} {'GB/s':>8} {'bw':>6} {'vs ref':>8}"
+    header = (f"{'op':<22} {'pass':<8} {'impl':<14} {'shape':<34} {'dtype':<5} {'ms':>10} "
+              f"{'GB/s':>8} {'bw':>6} {'vs ref':>8} {'extra MB':>9}")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -108,7 +118,8 @@ def print_table(results) -> None:
         ref = reference_ms.get(shape_key(r))
         ratio = f"{ref / r['ms']:.1f}x" if ref else ""
         print(f"{r['op']:<22} {r['pass']:<8} {r['impl']:<14} {shape:<34} {r['dtype']:<5} "
-              f"{r['ms']:>10.4f} {r['gbps']:>8.1f} {r['bw_fraction']:>6.2f} {ratio:>8}")
+              f"{r['ms']:>10.4f} {r['gbps']:>8.1f} {r['bw_fraction']:>6.2f} {ratio:>8} "
+              f"{r.get('extra_mb', ''):>9}")
 
 
 def plot(results, copy: float, path: Path, title: str) -> None:
