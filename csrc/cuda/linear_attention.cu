@@ -1,10 +1,10 @@
 // CUDA implementations of the linear-attention ops (schemas in csrc/ops.cpp): host launchers,
 // path selection and registration. Kernels: linear_attention_kernels.cuh.
 //
-// Path selection: fp16 / bf16 with Dk == Dv <= 160 on sm_80+ use the tensor-core kernels for the
-// state and the apply pass (and for the dS / dz reduction of the apply backward); everything
-// else (fp32, fp64, Dk != Dv, head dims up to 256) uses the generic SIMT kernels. Head dims above
-// 256 are rejected. Every launch goes to the current stream with no host synchronisation;
+// Path selection: fp16 / bf16 with Dk == Dv <= 160 on sm_80+ run the tensor-core kernels for all
+// four ops (the apply backward fused: dq, dS and dz in one pass over q and grad_out); everything
+// else (fp32, fp64, Dk != Dv, head dims up to 256) runs the generic SIMT kernels, whose apply
+// backward keeps a (B*H, N, 2) scratch of per-token weights. Head dims above 256 are rejected. Every launch goes to the current stream with no host synchronisation;
 // scratch comes from the caching allocator, so the ops can be captured in CUDA graphs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
