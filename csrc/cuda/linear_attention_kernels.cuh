@@ -7,8 +7,7 @@
 //     compile-time width DP (48, 64, 80, 128, 160); the runtime head dim d <= DP is zero-padded.
 // The reductions over tokens (the state, and dS / dz of the apply backward) split N across
 // blocks into partials (fp32; fp64 for fp64) that linear_attention_reduce_partials_kernel sums in
-// a fixed order:
-// no float atomics, bitwise deterministic.
+// a fixed order: no float atomics, bitwise deterministic.
 //
 // Every kernel uses a 1-D grid (gridDim.x < 2^31): the y / z limit of 65,535 never applies,
 // whatever B, H and N. Offsets into token-major tensors are int64.
