@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One-command GPU check (issue 3), for a machine with an NVIDIA GPU and no network:
+#   1. builds linfusion_ops in place for the local GPU's arch only, with every core;
+#   2. runs the test suite (`-m "not slow"`), then the slow tests if time allows;
+#   3. runs benchmarks/bench_gpu.py, which writes <date>_<commit>_<gpu>.json and .png.
+# Logs and results go to ${OUT:-benchmarks/results}. Designed to finish within 8 minutes on an
+# H100. Exit status: non-zero when the build, the tests or the benchmark failed.
+#
+# Usage: bash benchmarks/gpu_check.sh        (PYTHON=/path/to/python to pick an interpreter)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT:-benchmarks/results}
+mkdir -p "$OUT_DIR"
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
+SLOW_TESTS_IF_ELAPSED_BELOW=${SLOW_TESTS_IF_ELAPSED_BELOW:-240}  # seconds
+start=$(date +%s)
+elapsed() { echo $(( $(date +%s) - start )); }
+status=0
+
+arch=$("$PYTHON" -c "import torch; major, minor = torch.cuda.get_device_capability(); print(f'{major}.{minor}')") || {
+  echo "gpu_check: no CUDA GPU visible to torch ($PYTHON)" >&2
+  exit 2
+}
+export TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=$(nproc)
+echo "gpu_check: building for sm_${arch/./} with $MAX_JOBS jobs ($PYTHON)"
+if ! "$PYTHON" setup.py build_ext --inplace > "$OUT_DIR/gpu_check_build.log" 2>&1; then
+  tail -n 50 "$OUT_DIR/gpu_check_build.log"
+  echo "gpu_check: build failed after $(elapsed)s (log: $OUT_DIR/gpu_check_build.log)" >&2
+  exit 1
+fi
+"$PYTHON" -c "import linfusion_ops; print('gpu_check: built', linfusion_ops.build_info())"
+echo "gpu_check: build done at $(elapsed)s"
+
+"$PYTHON" -m pytest python_tests -q -m "not slow" -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_check_tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "gpu_check: tests done at $(elapsed)s"
+
+if [ "$(elapsed)" -lt "$SLOW_TESTS_IF_ELAPSED_BELOW" ]; then
+  timeout 150 "$PYTHON" -m pytest python_tests -q -m slow -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_check_slow_tests.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  echo "gpu_check: slow tests done at $(elapsed)s"
+else
+  echo "gpu_check: skipping the slow tests (elapsed $(elapsed)s >= ${SLOW_TESTS_IF_ELAPSED_BELOW}s)"
+fi
+
+"$PYTHON" benchmarks/bench_gpu.py --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/gpu_check_bench.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "gpu_check: finished in $(elapsed)s with status $status (results in $OUT_DIR)"
+exit $status

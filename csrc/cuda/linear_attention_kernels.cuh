@@ -1,0 +1,1076 @@
+// CUDA kernels of generalized linear attention (DESIGN.md, op contract 1).
+//
+// Two families, one responsibility per kernel:
+//   * generic (SIMT) kernels for every dtype (fp64 included) and head dim <= 256, accumulating in
+//     acc_t (float, or double for fp64);
+//   * tensor-core (WMMA, fp16/bf16 in, fp32 accumulate) kernels for Dk == Dv <= 160, padded to a
+//     compile-time width DP (48, 64, 80, 128, 160); the runtime head dim d <= DP is zero-padded.
+// The reductions over tokens (the state, and dS / dz of the apply backward) split N across
+// blocks into partials (fp32; fp64 for fp64) that linear_attention_reduce_partials_kernel sums in
+// a fixed order: no float atomics, bitwise deterministic.
+//
+// Every kernel uses a 1-D grid (gridDim.x < 2^31): the y / z limit of 65,535 never applies,
+// whatever B, H and N. Offsets into token-major tensors are int64.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common.h"
+
+namespace linfusion_ops {
+namespace la_cuda {
+
+constexpr int kWarpSize = 32;
+
+// ---------------------------------------------------------------------------------------------
+// Index helpers.
+
+// Element offset of head h of token n of batch b in a token-major (B, N, H*D) tensor whose last
+// dim is contiguous; batch and row strides are arbitrary (e.g. slices of a fused qkv).
+struct TokenMajorLayout {
+  int64_t batch_stride;  // elements between batches
+  int64_t row_stride;    // elements between tokens
+  int64_t head_dim;      // D: elements between heads
+
+  __host__ __device__ int64_t offset(int64_t b, int64_t n, int64_t h) const {
+    return b * batch_stride + n * row_stride + h * head_dim;
+  }
+};
+
+// Key padding mask (B, N) bool, True = keep; data == nullptr keeps every key.
+struct KeyMask {
+  const bool* data;
+  int64_t batch_stride;
+  int64_t row_stride;
+
+  __device__ bool keep(int64_t b, int64_t n) const {
+    return data == nullptr || data[b * batch_stride + n * row_stride];
+  }
+};
+
+// 1/n for batch b, where n is the number of kept keys (kept: (B,) int64, or nullptr: n = tokens);
+// 0 when n == 0, so that no key gives a zero state (and zero gradients).
+template <typename acc_t>
+__device__ inline acc_t inverse_kept(const int64_t* kept, int64_t b, int64_t tokens) {
+  const int64_t n = kept == nullptr ? tokens : kept[b];
+  return n > 0 ? acc_t(1) / static_cast<acc_t>(n) : acc_t(0);
+}
+
+// N tokens cut into `count` contiguous ranges of `per_split` tokens (a multiple of the kernel's
+// token tile), one per block; the last range may be short.
+struct TokenSplit {
+  int64_t tokens;
+  int64_t per_split;
+  int64_t count;
+
+  __device__ int64_t begin(int64_t s) const { return s * per_split; }
+  __device__ int64_t end(int64_t s) const {
+    return (s + 1) * per_split < tokens ? (s + 1) * per_split : tokens;
+  }
+};
+
+// blockIdx.x = outer * inner_count + inner, as int64.
+struct BlockCoords {
+  int64_t outer;
+  int64_t inner;
+};
+
+__device__ inline BlockCoords split_block_index(int64_t inner_count) {
+  const int64_t block = blockIdx.x;
+  return {block / inner_count, block % inner_count};
+}
+
+// Offset of split s of (batch*head) bh in a partials buffer (B*H, splits, rows, cols).
+__host__ __device__ inline int64_t partial_offset(int64_t bh, int64_t s, int64_t splits,
+                                                  int64_t rows, int64_t cols) {
+  return (bh * splits + s) * rows * cols;
+}
+
+template <typename T>
+__device__ inline T warp_sum(T value) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
+  }
+  return value;
+}
+
+// Where a reduction row's weights come from: the key padding mask (the state: a_t = phi(k_t)
+// if kept else 0, c_t = 1), or a per-token scratch written by the apply backward (dS and dz:
+// a_t = phi(q_t) / den_t, c_t = -(o_t . do_t)).
+enum class RowWeights : int { kMask = 0, kScratch = 1 };
+
+// Arguments of the split-N reduction partial[s] = sum_{t in split s} a_t b_t^T and
+// partial_sum[s] = sum_t a_t c_t, where a_t = phi(x_t) w_t and b_t = y_t.
+template <typename scalar_t, typename acc_t>
+struct PartialArgs {
+  const scalar_t* x;            // batch x tokens x (heads * dx): k, or q for the apply backward
+  TokenMajorLayout x_layout;
+  const scalar_t* y;            // batch x tokens x (heads * dy): v, or grad_out
+  TokenMajorLayout y_layout;
+  KeyMask mask;                 // batch x tokens (kMask)
+  const acc_t* row_scratch;     // (batch * heads) x tokens x 2 = (w_t, c_t) (kScratch)
+  acc_t* partial_outer;         // (batch * heads) x splits x ld_x x ld_y
+  acc_t* partial_sum;           // (batch * heads) x splits x ld_x
+  int64_t batch_heads;
+  int64_t heads;
+  int dx;
+  int dy;
+  int ld_x;                     // >= dx (the tensor-core kernels pad to DP)
+  int ld_y;                     // >= dy
+  TokenSplit split;
+  bool vec_x;                   // 16-byte vector loads allowed (tensor-core kernels)
+  bool vec_y;
+};
+
+// Row weights (w_t, c_t) of token n of (batch*head) bh; (0, 0) removes the token.
+template <RowWeights W, typename acc_t>
+__device__ inline void row_weights(const KeyMask& mask, const acc_t* row_scratch, int64_t tokens,
+                                   int64_t heads, int64_t bh, int64_t n, acc_t& w, acc_t& c) {
+  if constexpr (W == RowWeights::kMask) {
+    const bool keep = mask.keep(bh / heads, n);
+    w = keep ? acc_t(1) : acc_t(0);
+    c = w;
+  } else {
+    const acc_t* row = row_scratch + (bh * tokens + n) * 2;
+    w = row[0];
+    c = row[1];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reduction of the partials, in split order (deterministic). Also applies 1/n for the state.
+//
+// grid.x = (batch * heads) * ceil((d_out * (dy + 1)) / kReduceThreads); thread e < dx*dy writes
+// outer[i][j], e in [dx*dy, dx*dy + dx) writes sum[i].
+constexpr int kReduceThreads = 256;
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kReduceThreads) linear_attention_reduce_partials_kernel(
+    const acc_t* __restrict__ partial_outer,  // (batch * heads) x splits x ld_x x ld_y
+    const acc_t* __restrict__ partial_sum,    // (batch * heads) x splits x ld_x
+    acc_t* __restrict__ outer,                // batch x heads x dx x dy
+    acc_t* __restrict__ sum,                  // batch x heads x dx
+    const int64_t* __restrict__ kept,         // batch, or nullptr (n = tokens)
+    int64_t tokens, int64_t heads, int dx, int dy, int ld_x, int ld_y, int64_t splits,
+    bool scale_by_inverse_kept, int64_t blocks_per_head) {
+  const BlockCoords coords = split_block_index(blocks_per_head);
+  const int64_t bh = coords.outer;
+  const int64_t e = coords.inner * kReduceThreads + threadIdx.x;
+  const int64_t outer_count = int64_t(dx) * dy;
+  if (e >= outer_count + dx) return;
+  const acc_t scale =
+      scale_by_inverse_kept ? inverse_kept<acc_t>(kept, bh / heads, tokens) : acc_t(1);
+  acc_t total = 0;
+  if (e < outer_count) {
+    const int64_t i = e / dy, j = e % dy;
+    for (int64_t s = 0; s < splits; ++s) {
+      total += partial_outer[partial_offset(bh, s, splits, ld_x, ld_y) + i * ld_y + j];
+    }
+    outer[bh * outer_count + e] = total * scale;
+  } else {
+    const int64_t i = e - outer_count;
+    for (int64_t s = 0; s < splits; ++s) {
+      total += partial_sum[partial_offset(bh, s, splits, 1, ld_x) + i];
+    }
+    sum[bh * dx + i] = total * scale;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generic (SIMT) kernels.
+
+constexpr int kGenericThreads = 256;
+constexpr int kGenericMaxDim = 256;
+
+// Tokens per block of the per-token kernels: two (tokens x 256) acc_t tiles fit in 32 KiB.
+template <typename acc_t>
+constexpr int generic_tokens() {
+  return sizeof(acc_t) == 8 ? 8 : 16;
+}
+
+// Split-N outer-product partials. Each block computes a kOuterTile x kOuterTile tile (rows of x,
+// columns of y) of one split of one (batch*head); each thread a 4 x 4 micro tile whose rows and
+// columns are strided by 16 so that a warp reads consecutive shared-memory words.
+// grid.x = (batch * heads) * splits * tiles_x * tiles_y.
+constexpr int kOuterTile = 64;
+constexpr int kOuterMicro = 4;
+constexpr int kOuterTokens = 32;
+static_assert(kOuterTile == 16 * kOuterMicro, "a 16 x 16 thread grid covers the tile");
+static_assert(kGenericThreads == 16 * 16, "one thread per (row, column) of the 16 x 16 grid");
+
+template <typename scalar_t, typename acc_t, FeatureMap F, RowWeights W>
+__global__ void __launch_bounds__(kGenericThreads) linear_attention_partial_generic_kernel(
+    PartialArgs<scalar_t, acc_t> args) {
+  __shared__ acc_t s_a[kOuterTokens][kOuterTile];  // phi(x_t) w_t, tile columns
+  __shared__ acc_t s_b[kOuterTokens][kOuterTile];  // y_t, tile columns
+  __shared__ acc_t s_w[kOuterTokens];              // w_t
+  __shared__ acc_t s_c[kOuterTokens];              // c_t
+
+  const int tiles_x = (args.dx + kOuterTile - 1) / kOuterTile;
+  const int tiles_y = (args.dy + kOuterTile - 1) / kOuterTile;
+  const BlockCoords coords = split_block_index(int64_t(tiles_x) * tiles_y);
+  const int tile_x = static_cast<int>(coords.inner / tiles_y);
+  const int tile_y = static_cast<int>(coords.inner % tiles_y);
+  const int64_t bh = coords.outer / args.split.count;
+  const int64_t s = coords.outer % args.split.count;
+  const int64_t b = bh / args.heads, h = bh % args.heads;
+  const int x0 = tile_x * kOuterTile, y0 = tile_y * kOuterTile;
+  const int tid = threadIdx.x;
+  const int row = tid / 16, col = tid % 16;
+
+  acc_t acc[kOuterMicro][kOuterMicro] = {};
+  acc_t sum_acc = 0;  // partial_sum[x0 + tid], tile_y == 0 and tid < kOuterTile only
+  const int64_t begin = args.split.begin(s), end = args.split.end(s);
+  for (int64_t n0 = begin; n0 < end; n0 += kOuterTokens) {
+    __syncthreads();  // the previous tile's readers are done
+    if (tid < kOuterTokens) {
+      const int64_t n = n0 + tid;
+      acc_t w = 0, c = 0;
+      if (n < end) {
+        row_weights<W>(args.mask, args.row_scratch, args.split.tokens, args.heads, bh, n, w, c);
+      }
+      s_w[tid] = w;
+      s_c[tid] = c;
+    }
+    __syncthreads();
+    // Thread tid loads column tid % 64 of rows tid / 64, tid / 64 + 4, ...: coalesced rows.
+    constexpr int kRowStep = kGenericThreads / kOuterTile;
+    static_assert(kOuterTokens % kRowStep == 0, "rows split evenly across the threads");
+#pragma unroll
+    for (int t = tid / kOuterTile; t < kOuterTokens; t += kRowStep) {
+      const int column = tid % kOuterTile;
+      const int64_t n = n0 + t;
+      acc_t a = 0, yv = 0;
+      if (n < end && s_w[t] != acc_t(0)) {
+        if (x0 + column < args.dx) {
+          const acc_t xv =
+              static_cast<acc_t>(args.x[args.x_layout.offset(b, n, h) + x0 + column]);
+          a = feature_map_value<F, acc_t>(xv) * s_w[t];
+        }
+        if (y0 + column < args.dy) {
+          yv = static_cast<acc_t>(args.y[args.y_layout.offset(b, n, h) + y0 + column]);
+        }
+      }
+      s_a[t][column] = a;
+      s_b[t][column] = yv;
+    }
+    __syncthreads();
+    const int tile_tokens = static_cast<int>(end - n0 < kOuterTokens ? end - n0 : kOuterTokens);
+    for (int t = 0; t < tile_tokens; ++t) {
+      acc_t av[kOuterMicro], bv[kOuterMicro];
+#pragma unroll
+      for (int m = 0; m < kOuterMicro; ++m) {
+        av[m] = s_a[t][row + 16 * m];
+        bv[m] = s_b[t][col + 16 * m];
+      }
+#pragma unroll
+      for (int m = 0; m < kOuterMicro; ++m) {
+#pragma unroll
+        for (int k = 0; k < kOuterMicro; ++k) acc[m][k] += av[m] * bv[k];
+      }
+    }
+    if (tile_y == 0 && tid < kOuterTile) {
+      for (int t = 0; t < tile_tokens; ++t) sum_acc += s_a[t][tid] * s_c[t];
+    }
+  }
+
+  const int64_t base = partial_offset(bh, s, args.split.count, args.ld_x, args.ld_y);
+#pragma unroll
+  for (int m = 0; m < kOuterMicro; ++m) {
+#pragma unroll
+    for (int k = 0; k < kOuterMicro; ++k) {
+      const int i = x0 + row + 16 * m, j = y0 + col + 16 * k;
+      if (i < args.dx && j < args.dy) args.partial_outer[base + int64_t(i) * args.ld_y + j] = acc[m][k];
+    }
+  }
+  if (tile_y == 0 && tid < kOuterTile && x0 + tid < args.dx) {
+    args.partial_sum[partial_offset(bh, s, args.split.count, 1, args.ld_x) + x0 + tid] = sum_acc;
+  }
+}
+
+// Arguments of the per-token kernels (apply forward / backward, state backward).
+template <typename scalar_t, typename acc_t>
+struct TokenArgs {
+  const scalar_t* x;         // batch x tokens x (heads * dk): q (apply) or k (state backward)
+  TokenMajorLayout x_layout;
+  const scalar_t* y;         // batch x tokens x (heads * dv): grad_out (apply bwd) or v (state bwd)
+  TokenMajorLayout y_layout;
+  const acc_t* matrix;       // batch x heads x dk x dv, contiguous: state, or grad_state
+  const acc_t* vec;          // batch x heads x dk, contiguous: key_mean, or grad_key_mean
+  scalar_t* out_x;           // batch x tokens x (heads * dk): grad_q / grad_k
+  TokenMajorLayout out_x_layout;
+  scalar_t* out_y;           // batch x tokens x (heads * dv): o / grad_v
+  TokenMajorLayout out_y_layout;
+  acc_t* row_scratch;        // (batch * heads) x tokens x 2: (1/den_t, -(o_t . do_t)), apply bwd
+  KeyMask mask;              // state backward
+  const int64_t* kept;       // batch, or nullptr (state backward)
+  int64_t tokens;
+  int64_t batch_heads;
+  int64_t heads;
+  int dk;
+  int dv;
+  acc_t eps;
+  // Tensor-core kernels only: one block per split of the tokens; 16-byte vector access allowed.
+  TokenSplit split;
+  bool vec_x;
+  bool vec_y;
+  bool vec_out_y;
+};
+
+// Block coordinates of the per-token kernels: grid.x = (batch * heads) * ceil(tokens / TOK).
+struct TokenTile {
+  int64_t bh, b, h, n0;
+};
+
+template <int TOK>
+__device__ inline TokenTile token_tile(int64_t tokens, int64_t heads) {
+  const int64_t tiles = (tokens + TOK - 1) / TOK;
+  const BlockCoords coords = split_block_index(tiles);
+  return {coords.outer, coords.outer / heads, coords.outer % heads, coords.inner * TOK};
+}
+
+// Loads phi(x) of TOK tokens into s_fx (TOK x dk, zero past the end) and writes
+// s_inv_den[t] = 1 / (phi(x_t) . vec + eps), one warp per token.
+template <typename scalar_t, typename acc_t, FeatureMap F, int TOK>
+__device__ inline void load_phi_and_denominator(const TokenArgs<scalar_t, acc_t>& args,
+                                                const TokenTile& tile, acc_t* s_fx,
+                                                acc_t* s_inv_den) {
+  const int dk = args.dk;
+  for (int idx = threadIdx.x; idx < TOK * dk; idx += blockDim.x) {
+    const int t = idx / dk, d = idx % dk;
+    const int64_t n = tile.n0 + t;
+    s_fx[idx] = n < args.tokens ? feature_map_value<F, acc_t>(static_cast<acc_t>(
+                                      args.x[args.x_layout.offset(tile.b, n, tile.h) + d]))
+                                : acc_t(0);
+  }
+  __syncthreads();
+  const acc_t* z = args.vec + tile.bh * dk;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  for (int t = warp; t < TOK; t += blockDim.x / kWarpSize) {
+    acc_t dot = 0;
+    for (int d = lane; d < dk; d += kWarpSize) dot += s_fx[t * dk + d] * z[d];
+    dot = warp_sum(dot);
+    if (lane == 0) s_inv_den[t] = acc_t(1) / (dot + args.eps);
+  }
+  __syncthreads();
+}
+
+// Pass 2: o_t = phi(q_t)^T S / (phi(q_t) . z + eps). grid.x = (batch*heads) * ceil(N / TOK).
+template <typename scalar_t, typename acc_t, FeatureMap F>
+__global__ void __launch_bounds__(kGenericThreads) linear_attention_apply_generic_kernel(
+    TokenArgs<scalar_t, acc_t> args) {
+  constexpr int TOK = generic_tokens<acc_t>();
+  __shared__ acc_t s_fq[TOK * kGenericMaxDim];  // TOK x dk
+  __shared__ acc_t s_inv_den[TOK];
+  const TokenTile tile = token_tile<TOK>(args.tokens, args.heads);
+  load_phi_and_denominator<scalar_t, acc_t, F, TOK>(args, tile, s_fq, s_inv_den);
+
+  const int dk = args.dk, dv = args.dv;
+  const acc_t* S = args.matrix + tile.bh * dk * dv;
+  for (int idx = threadIdx.x; idx < TOK * dv; idx += blockDim.x) {
+    const int t = idx / dv, j = idx % dv;
+    const int64_t n = tile.n0 + t;
+    if (n >= args.tokens) continue;
+    acc_t num = 0;
+    for (int d = 0; d < dk; ++d) num += s_fq[t * dk + d] * S[int64_t(d) * dv + j];
+    args.out_y[args.out_y_layout.offset(tile.b, n, tile.h) + j] =
+        static_cast<scalar_t>(num * s_inv_den[t]);
+  }
+}
+
+// Apply backward, per token: with o_t recomputed and g_t = o_t . do_t,
+// dq_t = phi'(q_t) * (S do_t - g_t z) / den_t; also writes (1/den_t, -g_t) to row_scratch for the
+// dS / dz reduction (linear_attention_partial_*_kernel with RowWeights::kScratch).
+template <typename scalar_t, typename acc_t, FeatureMap F>
+__global__ void __launch_bounds__(kGenericThreads) linear_attention_apply_backward_generic_kernel(
+    TokenArgs<scalar_t, acc_t> args) {
+  constexpr int TOK = generic_tokens<acc_t>();
+  __shared__ acc_t s_fq[TOK * kGenericMaxDim];  // TOK x dk
+  __shared__ acc_t s_do[TOK * kGenericMaxDim];  // TOK x dv
+  __shared__ acc_t s_inv_den[TOK];
+  __shared__ acc_t s_g[TOK];
+  const TokenTile tile = token_tile<TOK>(args.tokens, args.heads);
+  const int dk = args.dk, dv = args.dv;
+  for (int idx = threadIdx.x; idx < TOK * dv; idx += blockDim.x) {
+    const int t = idx / dv, j = idx % dv;
+    const int64_t n = tile.n0 + t;
+    s_do[idx] = n < args.tokens
+                    ? static_cast<acc_t>(args.y[args.y_layout.offset(tile.b, n, tile.h) + j])
+                    : acc_t(0);
+  }
+  load_phi_and_denominator<scalar_t, acc_t, F, TOK>(args, tile, s_fq, s_inv_den);
+
+  const acc_t* S = args.matrix + tile.bh * dk * dv;
+  const acc_t* z = args.vec + tile.bh * dk;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  for (int t = warp; t < TOK; t += blockDim.x / kWarpSize) {
+    acc_t g = 0;
+    for (int j = lane; j < dv; j += kWarpSize) {
+      acc_t num = 0;
+      for (int d = 0; d < dk; ++d) num += s_fq[t * dk + d] * S[int64_t(d) * dv + j];
+      g += num * s_do[t * dv + j];
+    }
+    g = warp_sum(g) * s_inv_den[t];
+    if (lane == 0) {
+      s_g[t] = g;
+      const int64_t n = tile.n0 + t;
+      if (n < args.tokens) {
+        acc_t* row = args.row_scratch + (tile.bh * args.tokens + n) * 2;
+        row[0] = s_inv_den[t];
+        row[1] = -g;
+      }
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < TOK * dk; idx += blockDim.x) {
+    const int t = idx / dk, d = idx % dk;
+    const int64_t n = tile.n0 + t;
+    if (n >= args.tokens) continue;
+    acc_t sdo = 0;
+    for (int j = 0; j < dv; ++j) sdo += S[int64_t(d) * dv + j] * s_do[t * dv + j];
+    const acc_t xq = static_cast<acc_t>(args.x[args.x_layout.offset(tile.b, n, tile.h) + d]);
+    const acc_t dfq = (sdo - s_g[t] * z[d]) * s_inv_den[t];
+    args.out_x[args.out_x_layout.offset(tile.b, n, tile.h) + d] =
+        static_cast<scalar_t>(dfq * feature_map_grad<F, acc_t>(xq));
+  }
+}
+
+// State backward, per key: dk_t = keep_t * phi'(k_t) * (dS v_t + dz) / n,
+// dv_t = keep_t * dS^T phi(k_t) / n.
+template <typename scalar_t, typename acc_t, FeatureMap F>
+__global__ void __launch_bounds__(kGenericThreads) linear_attention_state_backward_generic_kernel(
+    TokenArgs<scalar_t, acc_t> args) {
+  constexpr int TOK = generic_tokens<acc_t>();
+  __shared__ acc_t s_fk[TOK * kGenericMaxDim];  // TOK x dk, phi(k_t) * keep_t / n
+  __shared__ acc_t s_v[TOK * kGenericMaxDim];   // TOK x dv, v_t * keep_t / n
+  const TokenTile tile = token_tile<TOK>(args.tokens, args.heads);
+  const int dk = args.dk, dv = args.dv;
+  const acc_t inv_n = inverse_kept<acc_t>(args.kept, tile.b, args.tokens);
+  for (int idx = threadIdx.x; idx < TOK * dk; idx += blockDim.x) {
+    const int t = idx / dk, d = idx % dk;
+    const int64_t n = tile.n0 + t;
+    acc_t value = 0;
+    if (n < args.tokens && args.mask.keep(tile.b, n)) {
+      value = feature_map_value<F, acc_t>(static_cast<acc_t>(
+                  args.x[args.x_layout.offset(tile.b, n, tile.h) + d])) * inv_n;
+    }
+    s_fk[idx] = value;
+  }
+  for (int idx = threadIdx.x; idx < TOK * dv; idx += blockDim.x) {
+    const int t = idx / dv, j = idx % dv;
+    const int64_t n = tile.n0 + t;
+    acc_t value = 0;
+    if (n < args.tokens && args.mask.keep(tile.b, n)) {
+      value = static_cast<acc_t>(args.y[args.y_layout.offset(tile.b, n, tile.h) + j]) * inv_n;
+    }
+    s_v[idx] = value;
+  }
+  __syncthreads();
+  const acc_t* dS = args.matrix + tile.bh * dk * dv;
+  const acc_t* dz = args.vec + tile.bh * dk;
+  for (int idx = threadIdx.x; idx < TOK * dk; idx += blockDim.x) {
+    const int t = idx / dk, d = idx % dk;
+    const int64_t n = tile.n0 + t;
+    if (n >= args.tokens) continue;
+    acc_t grad = 0;
+    if (args.mask.keep(tile.b, n)) {
+      acc_t dfk = dz[d] * inv_n;
+      for (int j = 0; j < dv; ++j) dfk += dS[int64_t(d) * dv + j] * s_v[t * dv + j];
+      const acc_t xk = static_cast<acc_t>(args.x[args.x_layout.offset(tile.b, n, tile.h) + d]);
+      grad = dfk * feature_map_grad<F, acc_t>(xk);
+    }
+    args.out_x[args.out_x_layout.offset(tile.b, n, tile.h) + d] = static_cast<scalar_t>(grad);
+  }
+  for (int idx = threadIdx.x; idx < TOK * dv; idx += blockDim.x) {
+    const int t = idx / dv, j = idx % dv;
+    const int64_t n = tile.n0 + t;
+    if (n >= args.tokens) continue;
+    acc_t grad = 0;
+    for (int d = 0; d < dk; ++d) grad += s_fk[t * dk + d] * dS[int64_t(d) * dv + j];
+    args.out_y[args.out_y_layout.offset(tile.b, n, tile.h) + j] = static_cast<scalar_t>(grad);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core kernels: fp16 / bf16 operands, fp32 accumulation (WMMA m16n16k16, sm_80+).
+// The head dim d <= DP is zero-padded to DP, a multiple of 16, in shared memory.
+
+template <typename scalar_t>
+struct TcType;
+template <>
+struct TcType<at::Half> {
+  using type = __half;
+};
+template <>
+struct TcType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+__device__ inline float to_float(__half x) { return __half2float(x); }
+__device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ inline T from_float(float x);
+template <>
+__device__ inline __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+constexpr int kTcVector = 8;  // 16-bit elements per 16-byte vector access
+
+// Loads tokens [n0, n0 + ROWS) of head h (d <= DP columns) into smem (ROWS x LD, row-major) as
+// T(transform(x, t)) for row t; columns >= d and tokens >= end are zero. vec: 16-byte accesses
+// (d % 8 == 0, 16-byte aligned rows).
+template <int ROWS, int DP, int LD, typename T, typename Transform>
+__device__ inline void load_rows_tc(T* smem, const T* src, const TokenMajorLayout& layout,
+                                    int64_t b, int64_t h, int64_t n0, int64_t end, int d,
+                                    bool vec, Transform transform) {
+  static_assert(DP % kTcVector == 0 && LD % kTcVector == 0, "rows hold whole 16-byte vectors");
+  if (vec) {
+    constexpr int kChunks = DP / kTcVector;
+    for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += blockDim.x) {
+      const int t = idx / kChunks, c = (idx % kChunks) * kTcVector;
+      const int64_t n = n0 + t;
+      uint4 packed = make_uint4(0, 0, 0, 0);
+      if (n < end && c < d) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(src + layout.offset(b, n, h) + c);
+        const T* in = reinterpret_cast<const T*>(&raw);
+        T* out = reinterpret_cast<T*>(&packed);
+#pragma unroll
+        for (int e = 0; e < kTcVector; ++e) out[e] = from_float<T>(transform(to_float(in[e]), t));
+      }
+      *reinterpret_cast<uint4*>(smem + t * LD + c) = packed;
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < ROWS * DP; idx += blockDim.x) {
+      const int t = idx / DP, c = idx % DP;
+      const int64_t n = n0 + t;
+      smem[t * LD + c] = n < end && c < d
+                             ? from_float<T>(transform(to_float(src[layout.offset(b, n, h) + c]), t))
+                             : from_float<T>(0.f);
+    }
+  }
+}
+
+// Shared-memory GEMM on the tensor cores, one 16 x 16 output tile per warp at a time:
+// C (ROWS x COLS, fp32, ld LDC) = A (ROWS x K, row-major, ld LDA) (B_hi + B_lo), where B is
+// K x COLS, stored row-major (B[k][n] at b[k * LDB + n]) or, with B_TRANSPOSED, as the transpose
+// of a row-major matrix (B[k][n] at b[n * LDB + k]). B_hi + B_lo is an fp32 matrix split into two
+// 16-bit halves (split_hi_lo), so the product keeps ~16 (bf16) or ~22 (fp16) mantissa bits.
+template <typename T, int ROWS, int COLS, int K, int LDA, int LDB, int LDC, bool B_TRANSPOSED,
+          int NWARPS>
+__device__ inline void gemm_hi_lo_to_smem(const T* a, const T* b_hi, const T* b_lo, float* c) {
+  namespace wmma = nvcuda::wmma;
+  static_assert(ROWS % 16 == 0 && COLS % 16 == 0 && K % 16 == 0, "whole 16 x 16 tiles");
+  static_assert(LDA % 8 == 0 && LDB % 8 == 0 && LDC % 4 == 0, "WMMA leading dimensions");
+  using BLayout = std::conditional_t<B_TRANSPOSED, wmma::col_major, wmma::row_major>;
+  constexpr int kColTiles = COLS / 16;
+  for (int tile = threadIdx.x / kWarpSize; tile < (ROWS / 16) * kColTiles; tile += NWARPS) {
+    const int m = tile / kColTiles, n = tile % kColTiles;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
+      const int b_offset = B_TRANSPOSED ? n * 16 * LDB + kk * 16 : kk * 16 * LDB + n * 16;
+      wmma::load_matrix_sync(fa, a + m * 16 * LDA + kk * 16, LDA);
+      wmma::load_matrix_sync(fb, b_hi + b_offset, LDB);
+      wmma::mma_sync(acc, fa, fb, acc);
+      wmma::load_matrix_sync(fb, b_lo + b_offset, LDB);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(c + m * 16 * LDC + n * 16, acc, LDC, wmma::mem_row_major);
+  }
+}
+
+// Loads an fp32 (d x d) matrix, row-major and contiguous, into hi / lo halves (DP x COLS, ld LD)
+// with value = hi + lo; with a non-null column (d,) it goes to column DP (COLS >= DP + 16), the
+// key mean next to the state. Everything else is zero.
+template <int DP, int COLS, int LD, typename T>
+__device__ inline void split_hi_lo(T* hi, T* lo, const float* matrix, const float* column, int d) {
+  static_assert(COLS >= DP && LD >= COLS, "rows hold the columns");
+  for (int idx = threadIdx.x; idx < DP * COLS; idx += blockDim.x) {
+    const int r = idx / COLS, c = idx % COLS;
+    float value = 0.f;
+    if (r < d && c < d) value = matrix[r * d + c];
+    if (column != nullptr && r < d && c == DP) value = column[r];
+    const T high = from_float<T>(value);
+    hi[r * LD + c] = high;
+    lo[r * LD + c] = from_float<T>(value - to_float(high));
+  }
+}
+
+// acc[i] += A^T B for the output tiles of this warp (tile = warp + i * NWARPS of the
+// (DP/16)^2 tiles): A and B are TOK x DP row-major in shared memory (ld LD), so A^T is read
+// column-major. The accumulators stay in registers across token tiles.
+template <typename T, int DP, int TOK, int LD, int NWARPS, int TILES_PER_WARP>
+__device__ inline void accumulate_outer_tc(
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[TILES_PER_WARP],
+    const T* a, const T* b) {
+  namespace wmma = nvcuda::wmma;
+  constexpr int kTilesPerDim = DP / 16;
+  static_assert(TOK % 16 == 0 && TILES_PER_WARP * NWARPS >= kTilesPerDim * kTilesPerDim,
+                "every output tile has a warp");
+  const int warp = threadIdx.x / kWarpSize;
+#pragma unroll
+  for (int kk = 0; kk < TOK / 16; ++kk) {
+#pragma unroll
+    for (int i = 0; i < TILES_PER_WARP; ++i) {
+      const int tile = warp + i * NWARPS;
+      if (tile < kTilesPerDim * kTilesPerDim) {  // warp-uniform
+        const int m = tile / kTilesPerDim, n = tile % kTilesPerDim;
+        // A^T: element (row i of the output, token t) sits at a[t * LD + i]: column-major.
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+        wmma::load_matrix_sync(fa, a + kk * 16 * LD + m * 16, LD);
+        wmma::load_matrix_sync(fb, b + kk * 16 * LD + n * 16, LD);
+        wmma::mma_sync(acc[i], fa, fb, acc[i]);
+      }
+    }
+  }
+}
+
+// Writes this warp's accumulators to partial_outer (DP x DP, row-major, fp32 global).
+template <int DP, int NWARPS, int TILES_PER_WARP>
+__device__ inline void store_outer_tc(
+    float* partial_outer,
+    const nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (
+        &acc)[TILES_PER_WARP]) {
+  namespace wmma = nvcuda::wmma;
+  constexpr int kTilesPerDim = DP / 16;
+  const int warp = threadIdx.x / kWarpSize;
+#pragma unroll
+  for (int i = 0; i < TILES_PER_WARP; ++i) {
+    const int tile = warp + i * NWARPS;
+    if (tile < kTilesPerDim * kTilesPerDim) {
+      const int m = tile / kTilesPerDim, n = tile % kTilesPerDim;
+      wmma::store_matrix_sync(partial_outer + (m * 16) * DP + n * 16, acc[i], DP,
+                              wmma::mem_row_major);
+    }
+  }
+}
+
+// Split-N partials of the state with tensor cores: partial_outer[s] (DP x DP) = A^T V over the
+// split's tokens, A = phi(k) keep (tokens x DP), and partial_sum[s] (DP) = sum_t a_t.
+// 8 warps own the (DP/16)^2 output tiles round-robin; grid.x = (batch * heads) * splits.
+constexpr int kTcPartialWarps = 8;
+constexpr int kTcPartialTokens = 64;  // 2 x 64 x (160 + 8) x 2 bytes < 48 KiB of static smem
+
+template <int DP>
+struct TcPartialShape {
+  static_assert(DP % 16 == 0 && DP >= 16 && DP <= 160, "DP: multiple of 16, at most 160");
+  static_assert(kTcPartialTokens % 16 == 0, "whole k-steps of 16 tokens");
+  static constexpr int kLd = DP + 8;  // +16 bytes per row: conflict-free fragment loads
+  static constexpr int kTiles = (DP / 16) * (DP / 16);
+  static constexpr int kTilesPerWarp = (kTiles + kTcPartialWarps - 1) / kTcPartialWarps;
+};
+
+template <typename scalar_t, FeatureMap F, int DP>
+__global__ void __launch_bounds__(kTcPartialWarps* kWarpSize)
+    linear_attention_state_partial_tc_kernel(PartialArgs<scalar_t, float> args) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // the host launches this kernel on sm_80+ only
+#else
+  namespace wmma = nvcuda::wmma;
+  using T = typename TcType<scalar_t>::type;
+  using Shape = TcPartialShape<DP>;
+  constexpr int TOK = kTcPartialTokens, LD = Shape::kLd;
+  __shared__ __align__(128) T s_a[TOK * LD];  // TOK x DP: phi(k_t) keep_t
+  __shared__ __align__(128) T s_b[TOK * LD];  // TOK x DP: v_t (zero for removed tokens)
+  __shared__ float s_w[TOK];                  // keep_t
+
+  const BlockCoords coords = split_block_index(args.split.count);
+  const int64_t bh = coords.outer, s = coords.inner;
+  const int64_t b = bh / args.heads, h = bh % args.heads;
+  const T* x = reinterpret_cast<const T*>(args.x);
+  const T* y = reinterpret_cast<const T*>(args.y);
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[Shape::kTilesPerWarp];
+#pragma unroll
+  for (int i = 0; i < Shape::kTilesPerWarp; ++i) wmma::fill_fragment(acc[i], 0.f);
+  float sum_acc = 0.f;  // partial_sum[threadIdx.x], threadIdx.x < DP
+
+  const int64_t begin = args.split.begin(s), end = args.split.end(s);
+  for (int64_t n0 = begin; n0 < end; n0 += TOK) {
+    __syncthreads();  // the previous tile's readers are done
+    if (threadIdx.x < TOK) {
+      const int64_t n = n0 + threadIdx.x;
+      float w = 0.f, c = 0.f;
+      if (n < end) {
+        row_weights<RowWeights::kMask>(args.mask, args.row_scratch, args.split.tokens, args.heads,
+                                       bh, n, w, c);
+      }
+      s_w[threadIdx.x] = w;
+    }
+    __syncthreads();
+    load_rows_tc<TOK, DP, LD>(s_a, x, args.x_layout, b, h, n0, end, args.dx, args.vec_x,
+                              [](float v, int t) {
+                                return s_w[t] != 0.f ? feature_map_value<F, float>(v) : 0.f;
+                              });
+    load_rows_tc<TOK, DP, LD>(s_b, y, args.y_layout, b, h, n0, end, args.dy, args.vec_y,
+                              [](float v, int t) { return s_w[t] != 0.f ? v : 0.f; });
+    __syncthreads();
+    if (threadIdx.x < DP) {
+#pragma unroll 8
+      for (int t = 0; t < TOK; ++t) sum_acc += to_float(s_a[t * LD + threadIdx.x]);
+    }
+    accumulate_outer_tc<T, DP, TOK, LD, kTcPartialWarps, Shape::kTilesPerWarp>(acc, s_a, s_b);
+  }
+
+  store_outer_tc<DP, kTcPartialWarps, Shape::kTilesPerWarp>(
+      args.partial_outer + partial_offset(bh, s, args.split.count, DP, DP), acc);
+  if (threadIdx.x < DP) {
+    args.partial_sum[partial_offset(bh, s, args.split.count, 1, DP) + threadIdx.x] = sum_acc;
+  }
+#endif
+}
+
+// Tokens per tile of the per-token tensor-core kernels: fewer for wide heads, to bound shared
+// memory.
+__host__ __device__ constexpr int tc_token_tile(int dp) { return dp <= 80 ? 64 : 32; }
+
+// Shared-memory layout of the per-token tensor-core kernels: the fp32 matrix of the pass as
+// hi / lo halves (DP x kCols), token tiles (kTokens x DP, 16-bit) and fp32 product tiles.
+template <int DP, int COLS>
+struct TcTokenShape {
+  static_assert(DP % 16 == 0 && DP >= 16 && DP <= 160, "DP: multiple of 16, at most 160");
+  static constexpr int kTokens = tc_token_tile(DP);
+  static constexpr int kCols = COLS;           // DP, or DP + 16 with the key mean at column DP
+  static constexpr int kLdS = kCols + 8;       // +16 bytes per row: conflict-free loads
+  static constexpr int kLdT = DP + 8;
+  static constexpr int kLdP = kCols + 4;       // fp32 products
+  static constexpr size_t kHalfBytes = size_t(DP) * kLdS * 2;    // hi or lo
+  static constexpr size_t kTileBytes = size_t(kTokens) * kLdT * 2;
+  static constexpr size_t kProductBytes = size_t(kTokens) * kLdP * 4;
+  static_assert(kHalfBytes % 128 == 0 && kTileBytes % 128 == 0 && kProductBytes % 128 == 0,
+                "shared-memory arrays stay 128-byte aligned");
+};
+
+// Pass 2 with tensor cores: [num | den - eps] = phi(Q) [S | z] for a tile of tokens, then
+// o = num / den. Each block loads S and z once (as hi + lo halves, so rounding the fp32 state
+// costs no accuracy) and loops over one split of the tokens. 4 warps;
+// grid.x = (batch * heads) * splits.
+constexpr int kTcApplyWarps = 4;
+
+template <int DP>
+struct TcApplyShape : TcTokenShape<DP, DP + 16> {
+  using Base = TcTokenShape<DP, DP + 16>;
+  static constexpr size_t kSmemBytes = 2 * Base::kHalfBytes + Base::kTileBytes + Base::kProductBytes;
+};
+
+template <typename scalar_t, FeatureMap F, int DP>
+__global__ void __launch_bounds__(kTcApplyWarps* kWarpSize)
+    linear_attention_apply_tc_kernel(TokenArgs<scalar_t, float> args) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // the host launches this kernel on sm_80+ only
+#else
+  using T = typename TcType<scalar_t>::type;
+  using Shape = TcApplyShape<DP>;
+  constexpr int TOK = Shape::kTokens;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* s_hi = reinterpret_cast<T*>(smem);                                    // DP x kCols
+  T* s_lo = reinterpret_cast<T*>(smem + Shape::kHalfBytes);                // DP x kCols
+  T* s_q = reinterpret_cast<T*>(smem + 2 * Shape::kHalfBytes);             // TOK x DP
+  float* s_p = reinterpret_cast<float*>(smem + 2 * Shape::kHalfBytes + Shape::kTileBytes);
+                                                                           // TOK x kCols
+
+  const BlockCoords coords = split_block_index(args.split.count);
+  const int64_t bh = coords.outer, s = coords.inner;
+  const int64_t b = bh / args.heads, h = bh % args.heads;
+  const int d = args.dk;  // == args.dv
+  const T* q = reinterpret_cast<const T*>(args.x);
+  T* out = reinterpret_cast<T*>(args.out_y);
+  split_hi_lo<DP, Shape::kCols, Shape::kLdS>(s_hi, s_lo, args.matrix + bh * d * d,
+                                             args.vec + bh * d, d);
+
+  const int64_t begin = args.split.begin(s), end = args.split.end(s);
+  for (int64_t n0 = begin; n0 < end; n0 += TOK) {
+    __syncthreads();  // state loaded; the previous epilogue is done with s_q and s_p
+    load_rows_tc<TOK, DP, Shape::kLdT>(s_q, q, args.x_layout, b, h, n0, end, d, args.vec_x,
+                                       [](float v, int) { return feature_map_value<F, float>(v); });
+    __syncthreads();
+    gemm_hi_lo_to_smem<T, TOK, Shape::kCols, DP, Shape::kLdT, Shape::kLdS, Shape::kLdP, false,
+                       kTcApplyWarps>(s_q, s_hi, s_lo, s_p);
+    __syncthreads();
+    if (args.vec_out_y) {
+      constexpr int kChunks = DP / kTcVector;
+      for (int idx = threadIdx.x; idx < TOK * kChunks; idx += blockDim.x) {
+        const int t = idx / kChunks, c = (idx % kChunks) * kTcVector;
+        const int64_t n = n0 + t;
+        if (n >= end || c >= d) continue;
+        const float* row = s_p + t * Shape::kLdP;
+        const float inv_den = 1.f / (row[DP] + args.eps);
+        uint4 packed;
+        T* vals = reinterpret_cast<T*>(&packed);
+#pragma unroll
+        for (int e = 0; e < kTcVector; ++e) vals[e] = from_float<T>(row[c + e] * inv_den);
+        *reinterpret_cast<uint4*>(out + args.out_y_layout.offset(b, n, h) + c) = packed;
+      }
+    } else {
+      for (int idx = threadIdx.x; idx < TOK * DP; idx += blockDim.x) {
+        const int t = idx / DP, c = idx % DP;
+        const int64_t n = n0 + t;
+        if (n >= end || c >= d) continue;
+        const float* row = s_p + t * Shape::kLdP;
+        const float inv_den = 1.f / (row[DP] + args.eps);
+        out[args.out_y_layout.offset(b, n, h) + c] = from_float<T>(row[c] * inv_den);
+      }
+    }
+  }
+#endif
+}
+
+// Apply backward with tensor cores, fused: per token tile, P = [num | den - eps] = phi(Q) [S | z]
+// and R = dO S^T (hi / lo state); then per token inv_den = 1 / den, g = (num . do) inv_den and
+// dq = phi'(q) (R - g z) inv_den; and, reduced over the split's tokens,
+// partial dS = sum_t a_t do_t^T and partial dz = -sum_t g_t a_t with a_t = phi(q_t) inv_den_t.
+// Reads q and grad_out once; nothing per token is stored. 8 warps (the dS accumulators of
+// DP = 160 need 100 tiles); grid.x = (batch * heads) * splits.
+constexpr int kTcBackwardWarps = 8;
+
+template <int DP>
+struct TcApplyBackwardShape : TcTokenShape<DP, DP + 16> {
+  using Base = TcTokenShape<DP, DP + 16>;
+  static constexpr int kLdR = DP + 4;  // fp32 dO S^T
+  static constexpr size_t kRBytes = size_t(Base::kTokens) * kLdR * 4;
+  static constexpr size_t kSmemBytes = 2 * Base::kHalfBytes + 2 * Base::kTileBytes +
+                                       Base::kProductBytes + kRBytes +
+                                       (2 * Base::kTokens + DP) * sizeof(float);
+  static constexpr int kOuterTiles = (DP / 16) * (DP / 16);
+  static constexpr int kOuterTilesPerWarp = (kOuterTiles + kTcBackwardWarps - 1) / kTcBackwardWarps;
+  static_assert(kRBytes % 128 == 0, "shared-memory arrays stay 128-byte aligned");
+};
+
+template <typename scalar_t, FeatureMap F, int DP>
+__global__ void __launch_bounds__(kTcBackwardWarps* kWarpSize)
+    linear_attention_apply_backward_tc_kernel(TokenArgs<scalar_t, float> args,
+                                              float* partial_outer,  // (B*H) x splits x DP x DP
+                                              float* partial_sum) {  // (B*H) x splits x DP
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // the host launches this kernel on sm_80+ only
+#else
+  namespace wmma = nvcuda::wmma;
+  using T = typename TcType<scalar_t>::type;
+  using Shape = TcApplyBackwardShape<DP>;
+  constexpr int TOK = Shape::kTokens, LDT = Shape::kLdT, LDP = Shape::kLdP, LDR = Shape::kLdR;
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* cursor = smem;
+  T* s_hi = reinterpret_cast<T*>(cursor);  // DP x kCols: [S | z], high half
+  cursor += Shape::kHalfBytes;
+  T* s_lo = reinterpret_cast<T*>(cursor);  // low half
+  cursor += Shape::kHalfBytes;
+  T* s_q = reinterpret_cast<T*>(cursor);   // TOK x DP: phi(q_t), then a_t = phi(q_t) inv_den_t
+  cursor += Shape::kTileBytes;
+  T* s_do = reinterpret_cast<T*>(cursor);  // TOK x DP: do_t
+  cursor += Shape::kTileBytes;
+  float* s_p = reinterpret_cast<float*>(cursor);  // TOK x kCols: [num | den - eps]
+  cursor += Shape::kProductBytes;
+  float* s_r = reinterpret_cast<float*>(cursor);  // TOK x DP: dO S^T
+  cursor += Shape::kRBytes;
+  float* s_inv_den = reinterpret_cast<float*>(cursor);  // TOK
+  float* s_g = s_inv_den + TOK;                         // TOK
+  float* s_z = s_g + TOK;                               // DP: key mean, fp32
+
+  const BlockCoords coords = split_block_index(args.split.count);
+  const int64_t bh = coords.outer, s = coords.inner;
+  const int64_t b = bh / args.heads, h = bh % args.heads;
+  const int d = args.dk;  // == args.dv
+  const T* q = reinterpret_cast<const T*>(args.x);
+  const T* grad_out = reinterpret_cast<const T*>(args.y);
+  T* grad_q = reinterpret_cast<T*>(args.out_x);
+  const float* key_mean = args.vec + bh * d;
+  split_hi_lo<DP, Shape::kCols, Shape::kLdS>(s_hi, s_lo, args.matrix + bh * d * d, key_mean, d);
+  for (int i = threadIdx.x; i < DP; i += blockDim.x) s_z[i] = i < d ? key_mean[i] : 0.f;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[Shape::kOuterTilesPerWarp];
+#pragma unroll
+  for (int i = 0; i < Shape::kOuterTilesPerWarp; ++i) wmma::fill_fragment(acc[i], 0.f);
+  float dz_acc = 0.f;  // partial dz[threadIdx.x], threadIdx.x < DP
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t begin = args.split.begin(s), end = args.split.end(s);
+  for (int64_t n0 = begin; n0 < end; n0 += TOK) {
+    __syncthreads();  // state loaded; the previous tile's readers are done
+    load_rows_tc<TOK, DP, LDT>(s_q, q, args.x_layout, b, h, n0, end, d, args.vec_x,
+                               [](float v, int) { return feature_map_value<F, float>(v); });
+    load_rows_tc<TOK, DP, LDT>(s_do, grad_out, args.y_layout, b, h, n0, end, d, args.vec_y,
+                               [](float v, int) { return v; });
+    __syncthreads();
+    gemm_hi_lo_to_smem<T, TOK, Shape::kCols, DP, LDT, Shape::kLdS, LDP, false, kTcBackwardWarps>(
+        s_q, s_hi, s_lo, s_p);
+    gemm_hi_lo_to_smem<T, TOK, DP, DP, LDT, Shape::kLdS, LDR, true, kTcBackwardWarps>(
+        s_do, s_hi, s_lo, s_r);
+    __syncthreads();
+    // Per token: inv_den and g = o . do, one warp per token. Tokens past the end get zeros, so
+    // their a_t (and their share of dS, dz) vanish even when eps = 0.
+    for (int t = warp; t < TOK; t += kTcBackwardWarps) {
+      const float* row = s_p + t * LDP;
+      float dot = 0.f;
+      for (int j = lane; j < DP; j += kWarpSize) dot += row[j] * to_float(s_do[t * LDT + j]);
+      dot = warp_sum(dot);
+      if (lane == 0) {
+        const bool valid = n0 + t < end;
+        const float inv_den = valid ? 1.f / (row[DP] + args.eps) : 0.f;
+        s_inv_den[t] = inv_den;
+        s_g[t] = dot * inv_den;
+      }
+    }
+    __syncthreads();
+    // dq, and a_t = phi(q_t) inv_den_t in place of phi(q_t).
+    for (int idx = threadIdx.x; idx < TOK * DP; idx += blockDim.x) {
+      const int t = idx / DP, c = idx % DP;
+      const int64_t n = n0 + t;
+      const float inv_den = s_inv_den[t];
+      if (n < end && c < d) {
+        const float xq = to_float(q[args.x_layout.offset(b, n, h) + c]);
+        const float dfq = (s_r[t * LDR + c] - s_g[t] * s_z[c]) * inv_den;
+        grad_q[args.out_x_layout.offset(b, n, h) + c] =
+            from_float<T>(dfq * feature_map_grad<F, float>(xq));
+      }
+      s_q[t * LDT + c] = from_float<T>(to_float(s_q[t * LDT + c]) * inv_den);
+    }
+    __syncthreads();
+    if (threadIdx.x < DP) {
+#pragma unroll 8
+      for (int t = 0; t < TOK; ++t) dz_acc -= s_g[t] * to_float(s_q[t * LDT + threadIdx.x]);
+    }
+    accumulate_outer_tc<T, DP, TOK, LDT, kTcBackwardWarps, Shape::kOuterTilesPerWarp>(acc, s_q,
+                                                                                       s_do);
+  }
+
+  store_outer_tc<DP, kTcBackwardWarps, Shape::kOuterTilesPerWarp>(
+      partial_outer + partial_offset(bh, s, args.split.count, DP, DP), acc);
+  if (threadIdx.x < DP) {
+    partial_sum[partial_offset(bh, s, args.split.count, 1, DP) + threadIdx.x] = dz_acc;
+  }
+#endif
+}
+
+// State backward with tensor cores, per key tile: with dS (hi / lo) in shared memory,
+// dk = phi'(k) keep (V dS^T + dz) / n and dv = keep (phi(K) dS) / n. 4 warps;
+// grid.x = (batch * heads) * splits.
+template <int DP>
+struct TcStateBackwardShape : TcTokenShape<DP, DP> {
+  using Base = TcTokenShape<DP, DP>;
+  static constexpr size_t kSmemBytes = 2 * Base::kHalfBytes + 2 * Base::kTileBytes +
+                                       Base::kProductBytes + (Base::kTokens + DP) * sizeof(float);
+};
+
+template <typename scalar_t, FeatureMap F, int DP>
+__global__ void __launch_bounds__(kTcApplyWarps* kWarpSize)
+    linear_attention_state_backward_tc_kernel(TokenArgs<scalar_t, float> args) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // the host launches this kernel on sm_80+ only
+#else
+  using T = typename TcType<scalar_t>::type;
+  using Shape = TcStateBackwardShape<DP>;
+  constexpr int TOK = Shape::kTokens, LDT = Shape::kLdT, LDP = Shape::kLdP;
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* cursor = smem;
+  T* s_hi = reinterpret_cast<T*>(cursor);  // DP x DP: dS, high half
+  cursor += Shape::kHalfBytes;
+  T* s_lo = reinterpret_cast<T*>(cursor);  // low half
+  cursor += Shape::kHalfBytes;
+  T* s_fk = reinterpret_cast<T*>(cursor);  // TOK x DP: phi(k_t) (zero for removed keys)
+  cursor += Shape::kTileBytes;
+  T* s_v = reinterpret_cast<T*>(cursor);   // TOK x DP: v_t (zero for removed keys)
+  cursor += Shape::kTileBytes;
+  float* s_p = reinterpret_cast<float*>(cursor);  // TOK x DP: V dS^T, then phi(K) dS
+  cursor += Shape::kProductBytes;
+  float* s_w = reinterpret_cast<float*>(cursor);  // TOK: keep_t / n
+  float* s_dz = s_w + TOK;                        // DP: grad_key_mean, fp32
+
+  const BlockCoords coords = split_block_index(args.split.count);
+  const int64_t bh = coords.outer, s = coords.inner;
+  const int64_t b = bh / args.heads, h = bh % args.heads;
+  const int d = args.dk;  // == args.dv
+  const T* k = reinterpret_cast<const T*>(args.x);
+  const T* v = reinterpret_cast<const T*>(args.y);
+  T* grad_k = reinterpret_cast<T*>(args.out_x);
+  T* grad_v = reinterpret_cast<T*>(args.out_y);
+  const float inv_n = inverse_kept<float>(args.kept, b, args.tokens);
+  split_hi_lo<DP, DP, Shape::kLdS>(s_hi, s_lo, args.matrix + bh * d * d,
+                                   static_cast<const float*>(nullptr), d);
+  for (int i = threadIdx.x; i < DP; i += blockDim.x) s_dz[i] = i < d ? args.vec[bh * d + i] : 0.f;
+
+  const int64_t begin = args.split.begin(s), end = args.split.end(s);
+  for (int64_t n0 = begin; n0 < end; n0 += TOK) {
+    __syncthreads();  // dS loaded; the previous tile's readers are done
+    if (threadIdx.x < TOK) {
+      const int64_t n = n0 + threadIdx.x;
+      s_w[threadIdx.x] = n < end && args.mask.keep(b, n) ? inv_n : 0.f;
+    }
+    __syncthreads();
+    load_rows_tc<TOK, DP, LDT>(s_fk, k, args.x_layout, b, h, n0, end, d, args.vec_x,
+                               [s_w](float x, int t) {
+                                 return s_w[t] != 0.f ? feature_map_value<F, float>(x) : 0.f;
+                               });
+    load_rows_tc<TOK, DP, LDT>(s_v, v, args.y_layout, b, h, n0, end, d, args.vec_y,
+                               [s_w](float x, int t) { return s_w[t] != 0.f ? x : 0.f; });
+    __syncthreads();
+    gemm_hi_lo_to_smem<T, TOK, DP, DP, LDT, Shape::kLdS, LDP, true, kTcApplyWarps>(s_v, s_hi,
+                                                                                   s_lo, s_p);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < TOK * DP; idx += blockDim.x) {
+      const int t = idx / DP, c = idx % DP;
+      const int64_t n = n0 + t;
+      if (n >= end || c >= d) continue;
+      float grad = 0.f;
+      if (s_w[t] != 0.f) {
+        const float xk = to_float(k[args.x_layout.offset(b, n, h) + c]);
+        grad = (s_p[t * LDP + c] + s_dz[c]) * s_w[t] * feature_map_grad<F, float>(xk);
+      }
+      grad_k[args.out_x_layout.offset(b, n, h) + c] = from_float<T>(grad);
+    }
+    __syncthreads();
+    gemm_hi_lo_to_smem<T, TOK, DP, DP, LDT, Shape::kLdS, LDP, false, kTcApplyWarps>(s_fk, s_hi,
+                                                                                    s_lo, s_p);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < TOK * DP; idx += blockDim.x) {
+      const int t = idx / DP, c = idx % DP;
+      const int64_t n = n0 + t;
+      if (n >= end || c >= d) continue;
+      // Explicit zero for removed keys: 0 * an infinite dS (fp16 overflow) would be NaN.
+      const float grad = s_w[t] != 0.f ? s_p[t * LDP + c] * s_w[t] : 0.f;
+      grad_v[args.out_y_layout.offset(b, n, h) + c] = from_float<T>(grad);
+    }
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host launchers of the tensor-core kernels, one translation unit per dtype
+// (linear_attention_tc_fp16.cu, linear_attention_tc_bf16.cu). dp: 48, 64, 80, 128 or 160.
+// Each kernel's split of the tokens is in args.split, its grid (batch * heads) * splits.
+template <typename scalar_t>
+void launch_state_partial_tc(const PartialArgs<scalar_t, float>& args, FeatureMap feature_map,
+                             int dp, cudaStream_t stream);
+
+template <typename scalar_t>
+void launch_apply_tc(const TokenArgs<scalar_t, float>& args, FeatureMap feature_map, int dp,
+                     cudaStream_t stream);
+
+// partial_outer: (B*H, splits, dp, dp) fp32, partial_sum: (B*H, splits, dp) fp32.
+template <typename scalar_t>
+void launch_apply_backward_tc(const TokenArgs<scalar_t, float>& args, float* partial_outer,
+                              float* partial_sum, FeatureMap feature_map, int dp,
+                              cudaStream_t stream);
+
+template <typename scalar_t>
+void launch_state_backward_tc(const TokenArgs<scalar_t, float>& args, FeatureMap feature_map,
+                              int dp, cudaStream_t stream);
+
+}  // namespace la_cuda
+}  // namespace linfusion_ops

@@ -1,0 +1,17 @@
+// Tensor-core linear-attention kernels for at::Half inputs (see linear_attention_kernels.cuh).
+#include "cuda/linear_attention_tc_launch.cuh"
+
+namespace linfusion_ops {
+namespace la_cuda {
+
+template void launch_state_partial_tc<at::Half>(const PartialArgs<at::Half, float>&, FeatureMap,
+                                             int, cudaStream_t);
+template void launch_apply_tc<at::Half>(const TokenArgs<at::Half, float>&, FeatureMap, int,
+                                     cudaStream_t);
+template void launch_apply_backward_tc<at::Half>(const TokenArgs<at::Half, float>&, float*, float*,
+                                              FeatureMap, int, cudaStream_t);
+template void launch_state_backward_tc<at::Half>(const TokenArgs<at::Half, float>&, FeatureMap, int,
+                                              cudaStream_t);
+
+}  // namespace la_cuda
+}  // namespace linfusion_ops
