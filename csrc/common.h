@@ -185,8 +185,8 @@ inline LinearAttentionDims check_apply_args(const at::Tensor& q, const at::Tenso
 
 // ---------------------------------------------------------------------------------------------
 // LayerNorm + LeakyReLU argument checks.
-inline int64_t check_layer_norm_args(const at::Tensor& x, const at::Tensor& weight,
-                                     const at::Tensor& bias, double eps) {
+inline int64_t check_layer_norm_params(const at::Tensor& x, const at::Tensor& weight,
+                                       const at::Tensor& bias) {
   TORCH_CHECK(x.dim() >= 1, "linfusion_ops: x must have at least 1 dim (..., C)");
   check_floating(x, "x");
   const int64_t channels = x.size(-1);
@@ -198,8 +198,37 @@ inline int64_t check_layer_norm_args(const at::Tensor& x, const at::Tensor& weig
     check_same_dtype(x, "x", t, name);
     check_same_device(x, "x", t, name);
   }
+  return channels;
+}
+
+inline int64_t check_layer_norm_args(const at::Tensor& x, const at::Tensor& weight,
+                                     const at::Tensor& bias, double eps) {
+  const int64_t channels = check_layer_norm_params(x, weight, bias);
   TORCH_CHECK(eps > 0.0 && std::isfinite(eps), "linfusion_ops: eps must be finite and > 0, got ",
               eps);
+  return channels;
+}
+
+// The backward takes what the forward saved: mean and rstd of shape x.shape[:-1] in the
+// accumulation dtype.
+inline int64_t check_layer_norm_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                              const at::Tensor& weight, const at::Tensor& bias,
+                                              const at::Tensor& mean, const at::Tensor& rstd) {
+  const int64_t channels = check_layer_norm_params(x, weight, bias);
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "linfusion_ops: grad_out must have x's shape ",
+              x.sizes(), ", got ", grad_out.sizes());
+  check_same_dtype(x, "x", grad_out, "grad_out");
+  check_same_device(x, "x", grad_out, "grad_out");
+  const auto acc = accumulate_dtype(x.scalar_type());
+  const auto stats_shape = x.sizes().slice(0, x.dim() - 1);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{mean, "mean"},
+                                std::pair<const at::Tensor&, const char*>{rstd, "rstd"}}) {
+    TORCH_CHECK(t.sizes() == stats_shape, "linfusion_ops: ", name,
+                " must have shape x.shape[:-1] = ", stats_shape, ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == acc, "linfusion_ops: ", name, " must be ", acc, " for ",
+                x.scalar_type(), " x, got ", t.scalar_type());
+    check_same_device(x, "x", t, name);
+  }
   return channels;
 }
 
@@ -213,6 +242,22 @@ struct MergeDims {
   int64_t tokens;    // T
 };
 
+// keep (S, L) bool and segment_ids (S,) int64, shared by the forward and the backward. Whether
+// the ids lie in [0, num_prompts) depends on their values: each backend checks it.
+inline void check_merge_index_args(const at::Tensor& keep, const at::Tensor& segment_ids,
+                                   int64_t segments, int64_t length) {
+  TORCH_CHECK(keep.scalar_type() == at::kBool, "linfusion_ops: keep must be bool, got ",
+              keep.scalar_type());
+  TORCH_CHECK(keep.dim() == 2 && keep.size(0) == segments && keep.size(1) == length,
+              "linfusion_ops: keep must have shape (", segments, ", ", length,
+              ") to match embeds, got ", keep.sizes());
+  TORCH_CHECK(segment_ids.scalar_type() == at::kLong,
+              "linfusion_ops: segment_ids must be int64, got ", segment_ids.scalar_type());
+  TORCH_CHECK(segment_ids.dim() == 1 && segment_ids.size(0) == segments,
+              "linfusion_ops: segment_ids must have shape (", segments, ",), got ",
+              segment_ids.sizes());
+}
+
 inline MergeDims check_merge_args(const at::Tensor& embeds, const at::Tensor& keep,
                                   const at::Tensor& segment_ids, int64_t num_prompts,
                                   int64_t max_tokens, const at::Tensor& pad) {
@@ -221,16 +266,7 @@ inline MergeDims check_merge_args(const at::Tensor& embeds, const at::Tensor& ke
   MergeDims dims{embeds.size(0), embeds.size(1), embeds.size(2), num_prompts, max_tokens};
   TORCH_CHECK(num_prompts >= 0, "linfusion_ops: num_prompts must be >= 0, got ", num_prompts);
   TORCH_CHECK(max_tokens > 0, "linfusion_ops: max_tokens must be positive, got ", max_tokens);
-  TORCH_CHECK(keep.scalar_type() == at::kBool, "linfusion_ops: keep must be bool, got ",
-              keep.scalar_type());
-  TORCH_CHECK(keep.dim() == 2 && keep.size(0) == dims.segments && keep.size(1) == dims.length,
-              "linfusion_ops: keep must have shape (", dims.segments, ", ", dims.length,
-              ") to match embeds, got ", keep.sizes());
-  TORCH_CHECK(segment_ids.scalar_type() == at::kLong,
-              "linfusion_ops: segment_ids must be int64, got ", segment_ids.scalar_type());
-  TORCH_CHECK(segment_ids.dim() == 1 && segment_ids.size(0) == dims.segments,
-              "linfusion_ops: segment_ids must have shape (", dims.segments, ",), got ",
-              segment_ids.sizes());
+  check_merge_index_args(keep, segment_ids, dims.segments, dims.length);
   TORCH_CHECK((pad.dim() == 1 && pad.size(0) == dims.channels) ||
                   (pad.dim() == 2 && pad.size(0) == max_tokens && pad.size(1) == dims.channels),
               "linfusion_ops: pad must have shape (", dims.channels, ",) or (", max_tokens, ", ",
@@ -239,6 +275,27 @@ inline MergeDims check_merge_args(const at::Tensor& embeds, const at::Tensor& ke
   check_same_device(embeds, "embeds", keep, "keep");
   check_same_device(embeds, "embeds", segment_ids, "segment_ids");
   check_same_device(embeds, "embeds", pad, "pad");
+  return dims;
+}
+
+// grad_merged (B, T, C), lengths (B,) int64 from the forward; S and L come from keep.
+inline MergeDims check_merge_backward_args(const at::Tensor& grad_merged, const at::Tensor& keep,
+                                           const at::Tensor& segment_ids,
+                                           const at::Tensor& lengths) {
+  check_dim(grad_merged, 3, "grad_merged", "(prompts, max_tokens, channels)");
+  check_floating(grad_merged, "grad_merged");
+  check_dim(keep, 2, "keep", "(segments, length)");
+  MergeDims dims{keep.size(0), keep.size(1), grad_merged.size(2), grad_merged.size(0),
+                 grad_merged.size(1)};
+  check_merge_index_args(keep, segment_ids, dims.segments, dims.length);
+  TORCH_CHECK(lengths.scalar_type() == at::kLong, "linfusion_ops: lengths must be int64, got ",
+              lengths.scalar_type());
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == dims.prompts,
+              "linfusion_ops: lengths must have shape (", dims.prompts,
+              ",) to match grad_merged, got ", lengths.sizes());
+  check_same_device(grad_merged, "grad_merged", keep, "keep");
+  check_same_device(grad_merged, "grad_merged", segment_ids, "segment_ids");
+  check_same_device(grad_merged, "grad_merged", lengths, "lengths");
   return dims;
 }
 
