@@ -72,6 +72,7 @@ __global__ void __launch_bounds__(kPlanThreads)
   for (int64_t b = threadIdx.x; b < prompts; b += kPlanThreads) running[b] = 0;
   for (int64_t s = warp; s < segments; s += kPlanWarps) {
     int64_t kept = 0;
+#pragma unroll 4  // the keep loads of a CLIP segment (77 tokens) issue together
     for (int64_t l0 = 0; l0 < length; l0 += kWarpSize) {
       const bool k = l0 + lane < length && keep[s * length + l0 + lane];
       kept += __popc(__ballot_sync(kFullMask, k));
@@ -127,6 +128,7 @@ __global__ void __launch_bounds__(kPlanThreads)
   for (int64_t s = warp; s < segments; s += kPlanWarps) {
     const bool valid = valid_prompt(segment_ids[s], prompts);
     int64_t next_slot = offsets[s];
+#pragma unroll 4
     for (int64_t l0 = 0; l0 < length; l0 += kWarpSize) {
       const int64_t l = l0 + lane;
       const bool k = l < length && keep[s * length + l];
