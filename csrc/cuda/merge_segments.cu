@@ -46,6 +46,11 @@ __device__ __forceinline__ bool valid_prompt(int64_t id, int64_t prompts) {
   return id >= 0 && id < prompts;
 }
 
+// Row of merged / grad_merged, viewed as (B*T) rows, that holds slot `slot` of prompt `prompt`.
+__device__ __forceinline__ int64_t merged_row(int64_t prompt, int64_t slot, int64_t max_tokens) {
+  return prompt * max_tokens + slot;
+}
+
 // Lanes below this one, as a ballot mask.
 __device__ __forceinline__ unsigned lanes_below(int lane) { return (1u << lane) - 1u; }
 
@@ -192,8 +197,9 @@ __global__ void __launch_bounds__(kCopyThreads)
     if (task < token_rows) {
       const int64_t slot = slot_of[task];
       if (slot < 0) continue;
-      const int64_t prompt = segment_ids[task / length];
-      copy_row(merged + (prompt * max_tokens + slot) * units, embeds + task * units, units, lane);
+      const int64_t prompt = segment_ids[task / length];  // task = s * L + l
+      copy_row(merged + merged_row(prompt, slot, max_tokens) * units, embeds + task * units, units,
+               lane);
     } else {
       const int64_t out_row = task - token_rows;  // b * T + t
       const int64_t t = out_row % max_tokens;
@@ -216,7 +222,9 @@ __global__ void __launch_bounds__(kCopyThreads)
   for (int64_t task = global_warp(); task < token_rows; task += warps_in_grid()) {
     const int64_t slot = slot_of[task];
     const Unit* src = nullptr;
-    if (slot >= 0) src = grad_merged + (segment_ids[task / length] * max_tokens + slot) * units;
+    if (slot >= 0) {
+      src = grad_merged + merged_row(segment_ids[task / length], slot, max_tokens) * units;
+    }
     copy_row(grad_embeds + task * units, src, units, lane);
   }
 }
