@@ -282,6 +282,19 @@ def layer_norm_leaky_relu(
     return out
 
 
+def _check_segment_ids_on_host(segment_ids: torch.Tensor, num_prompts: int) -> None:
+    """The CUDA kernel cannot raise (it device-asserts, which poisons the CUDA context), so the
+    public function checks the ids first, at the cost of one host sync per call; merging runs once
+    per prompt encoding. Same message as the CPU kernel's check."""
+    bad = ((segment_ids < 0) | (segment_ids >= num_prompts)).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise RuntimeError(
+            f"linfusion_ops: segment_ids must be in [0, num_prompts = {num_prompts}), "
+            f"got segment_ids[{i}] = {int(segment_ids[i])}"
+        )
+
+
 def merge_segments(
     embeds: torch.Tensor,
     keep: torch.Tensor,
@@ -296,7 +309,9 @@ def merge_segments(
         embeds: (S, L, C) encoder outputs of S segments (float dtypes).
         keep: (S, L) bool, the tokens to keep.
         segment_ids: (S,) int64, the prompt of each segment, in [0, num_prompts). Within a
-            prompt, segments are taken in increasing segment index.
+            prompt, segments are taken in increasing segment index. On CUDA this function
+            checks the range with one host sync (outside graph capture and torch.compile);
+            the op itself, torch.ops.linfusion_ops.merge_segments, device-asserts instead.
         num_prompts: B. max_tokens: T, the token budget (> 0).
         pad: (C,) or (T, C), same dtype as embeds, fills the slots after the kept tokens.
 
@@ -306,4 +321,6 @@ def merge_segments(
     """
     if _lib is None:
         return reference.merge_segments(embeds, keep, segment_ids, num_prompts, max_tokens, pad)
+    if segment_ids.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
+        _check_segment_ids_on_host(segment_ids, num_prompts)
     return _lib.merge_segments.default(embeds, keep, segment_ids, int(num_prompts), int(max_tokens), pad)
