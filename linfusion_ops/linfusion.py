@@ -237,7 +237,8 @@ class _Mount:
 
     def __init__(self, unet: nn.Module):
         self.unet = unet
-        # (attn module, its submodules before mounting, its processor before mounting)
+        # (attn module, its submodules, its processor, its fused_projections flag), as they
+        # were before mounting.
         self.saved: List[tuple] = []
 
 
@@ -313,7 +314,7 @@ class LinFusion(ModelMixin, ConfigMixin):
         if load_pretrained:
             if not pretrained_model_name_or_path:
                 if pipe_name_path is None and pipeline is not None:
-                    pipe_name_path = pipeline.config._name_or_path
+                    pipe_name_path = pipeline.config.get("_name_or_path")
                 pretrained_model_name_or_path = MODEL_DICT.get(pipe_name_path)
                 if pretrained_model_name_or_path is None:
                     raise ValueError(
@@ -377,7 +378,8 @@ class LinFusion(ModelMixin, ConfigMixin):
             self._check_target(name, layer, attn)
             targets.append((attn, layer))
 
-        self.to(device=unet.device, dtype=unet.dtype)
+        # nn.Module.to: ModelMixin.to warns about fp32-kept modules even when there are none.
+        nn.Module.to(self, device=unet.device, dtype=unet.dtype)
         mount = _Mount(unet)
         for attn, layer in targets:
             mount.saved.append((attn, dict(attn._modules), attn.processor, attn.fused_projections))
@@ -402,12 +404,15 @@ class LinFusion(ModelMixin, ConfigMixin):
         mount = next((m for m in self._mounts if m.unet is unet), None)
         if mount is None:
             raise ValueError("LinFusion: not mounted on this UNet")
+        # LinFusion's parameters live in the UNet while mounted, so they follow its .to().
+        reference = next(self.parameters())
         for attn, modules, processor, fused in mount.saved:
-            reference = attn.to_out[0].weight
             del attn.__dict__["set_processor"]
             attn._modules.clear()
             for name, module in modules.items():
-                attn._modules[name] = module.to(device=reference.device, dtype=reference.dtype)
+                if module is not None:
+                    module.to(device=reference.device, dtype=reference.dtype)
+                attn._modules[name] = module
             attn.set_processor(processor)
             attn.fused_projections = fused
         self._mounts.remove(mount)

@@ -52,6 +52,11 @@ SD15_UNET = dict(
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
 )
+# SD 2.1 shape: heads growing with the width at a fixed head dim (64 in the real model, 16
+# here), linear projections in the transformer blocks, upcast attention.
+SD21_UNET = dict(
+    SD15_UNET, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True,
+)
 # SD XL shape: no attention on the first level, 10 and 20 heads, two transformer layers on the
 # last level, text_time conditioning (pooled text embedding 16 + 6 time ids of 8 channels).
 XL_UNET = dict(
@@ -67,7 +72,8 @@ XL_MID_DIM_SCALE = 16  # LinFusion-XL: projection_mid_dim = dim_n // 16
 
 def make_unet(kind, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**(SD15_UNET if kind == "sd15" else XL_UNET)).to(dtype).eval()
+    config = {"sd15": SD15_UNET, "sd21": SD21_UNET, "xl": XL_UNET}[kind]
+    return UNet2DConditionModel(**config).to(dtype).eval()
 
 
 def unet_inputs(kind, dtype=torch.float32, device="cpu", seed=1):
@@ -99,11 +105,12 @@ def make_linfusion(unet, mid=None, seed=2):
         for entry in config["modules_list"]:
             entry["projection_mid_dim"] = mid
     torch.manual_seed(seed)
-    linfusion = LinFusion(**config).to(unet.dtype)
+    linfusion = LinFusion(**config).to(device=unet.device, dtype=unet.dtype)
     with torch.no_grad():
-        for name, p in linfusion.named_parameters():
-            if ".1." in name:  # LayerNorm weight / bias: default ones / zeros
-                p.add_(0.2 * torch.randn_like(p))
+        for m in linfusion.modules():
+            if isinstance(m, nn.LayerNorm):  # default ones / zeros
+                m.weight.add_(0.2 * torch.randn_like(m.weight))
+                m.bias.add_(0.2 * torch.randn_like(m.bias))
     return linfusion
 
 
@@ -150,7 +157,9 @@ def official_keys(modules_list):
 # ---------------------------------------------------------------------------------------------
 # The mounted UNet computes the official formula.
 @pytest.mark.parametrize(
-    "kind,mid", [("sd15", None), ("sd15", 5), ("sd15", -1), ("xl", "xl")], ids=["sd15-mid_none", "sd15-mid_int", "sd15-mid_-1", "xl-mid_dim/16"]
+    "kind,mid",
+    [("sd15", None), ("sd15", 5), ("sd15", -1), ("sd21", None), ("xl", "xl")],
+    ids=["sd15-mid_none", "sd15-mid_int", "sd15-mid_-1", "sd21", "xl-mid_dim/16"],
 )
 def test_mounted_unet_matches_official(kind, mid):
     unet = make_unet(kind, torch.float64)
@@ -168,9 +177,9 @@ def test_mounted_unet_matches_official(kind, mid):
         else:
             width = entry["projection_mid_dim"] or entry["dim_n"]
             assert layer.to_q_[0].out_features == width and layer.to_k_[3].in_features == width
+    heads = {m.heads for m in attn1_modules(unet).values()}
+    assert heads == {"sd15": {8}, "sd21": {2, 4}, "xl": {10, 20}}[kind]
     if kind == "xl":
-        heads = {m.heads for m in attn1_modules(unet).values()}
-        assert heads == {10, 20}
         assert [e["projection_mid_dim"] for e in linfusion.config.modules_list] == [e["dim_n"] // 16 for e in linfusion.config.modules_list]
 
     inputs = unet_inputs(kind, torch.float64)
@@ -500,15 +509,18 @@ def test_peft_lora_on_projections():
     for attn in attn1_modules(unet).values():
         assert hasattr(attn.to_q, "base_layer") and hasattr(attn.to_out[0], "base_layer")
     assert [n for n, _ in linfusion.named_parameters()] == names
+    attn1 = next(iter(attn1_modules(unet).values()))
+    x = torch.randn(2, 16, attn1.to_q.in_features)
     with torch.no_grad():
-        with_lora = unet(**inputs).sample
-        assert not torch.allclose(with_lora, before)
+        attn1_lora, with_lora = attn1(x), unet(**inputs).sample
         unet.disable_adapters()
+        assert not torch.allclose(attn1(x), attn1_lora)  # the adapters act inside LinFusion's attn1
+        assert not torch.allclose(with_lora, before)
         torch.testing.assert_close(unet(**inputs).sample, before, rtol=0, atol=0)
 
+    fresh = make_unet("sd15")
+    fresh.add_adapter(peft.LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     with pytest.raises(ValueError, match="mount LinFusion before loading LoRA"):
-        fresh = make_unet("sd15")
-        fresh.add_adapter(peft.LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
         make_linfusion(fresh).mount_to(unet=fresh)
 
 
@@ -539,10 +551,13 @@ def test_ip_adapter_keeps_linfusion_on_self_attention():
     for name, p in unet.attn_processors.items():
         assert type(p) is (LinFusionAttnProcessor if name.endswith("attn1.processor") else IPAdapterAttnProcessor2_0)
     inputs = unet_inputs("sd15")
-    inputs["added_cond_kwargs"] = {"image_embeds": [torch.randn(2, 1, clip_dim, generator=g)]}
-    with torch.no_grad():
-        out = unet(**inputs).sample
-    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+    outs = []
+    for _ in range(2):
+        inputs["added_cond_kwargs"] = {"image_embeds": [torch.randn(2, 1, clip_dim, generator=g)]}
+        with torch.no_grad():
+            outs.append(unet(**inputs).sample)
+    assert outs[0].shape == (2, 4, 8, 8) and torch.isfinite(outs[0]).all()
+    assert not torch.allclose(outs[0], outs[1])  # the image prompt reaches the UNet
 
 
 # ---------------------------------------------------------------------------------------------
