@@ -12,8 +12,9 @@ Two measurements per resolution, in the same process: one UNet forward (inferenc
 --batch, 77 text tokens), and its highest-resolution self-attention layer alone
 (down_blocks.0...attn1: 320 channels, 8 heads of 40, (res / 8)^2 tokens), which shows the
 attention's own cost where the convolutions dominate the forward. For each: the median time of
---repeat runs, after one run that measures the peak memory allocated beyond the weights and
-inputs (benchmarks.common), and the softmax / LinFusion ratios. --layer-only skips the UNet
+--repeat (UNet) or --layer-repeat (layer) runs, in wall time and in the process's CPU time (the
+fair measure on a CPU shared with other jobs), after one run that measures the peak memory
+allocated beyond the weights and inputs (benchmarks.common), and the softmax / LinFusion ratios. --layer-only skips the UNet
 forward, to reach higher resolutions. Writes benchmarks/out/unet_<device>[_layer].json and
 a plot unet_<device>[_layer].png.
 
@@ -27,7 +28,9 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
+import time
 
 import torch
 
@@ -73,28 +76,40 @@ def layer_fn(attn, res, batch, device, dtype):
     return run
 
 
-def measure(fn, args):
-    """(median ms, peak MiB) of fn(). The memory run goes first: it is also the warm-up."""
+def measure(fn, repeat, args):
+    """(median wall ms, median process CPU ms, peak MiB) of fn(). The memory run goes first: it
+    is also the warm-up. The CPU time of the process (all its threads) is what the work costs
+    on a CPU shared with other jobs, where wall time mostly measures the contention."""
     mb = peak_memory_mb(fn, args.device)
-    ms = time_ms(fn, args.device, warmup=args.warmup, repeat=args.repeat, max_seconds=args.max_seconds)
-    return ms, mb
+    cpu_ms = []
+
+    def timed():
+        start = time.process_time()
+        fn()
+        cpu_ms.append((time.process_time() - start) * 1e3)
+
+    ms = time_ms(timed, args.device, warmup=args.warmup, repeat=repeat, max_seconds=args.max_seconds)
+    return ms, statistics.median(cpu_ms[args.warmup :]), mb
 
 
-def measure_both(make_fn, linfusion, unet, args):
-    """{softmax,linfusion}_{ms,peak_mb} and the ratios for one workload."""
-    softmax_ms, softmax_mb = measure(make_fn(), args)
+def measure_both(make_fn, repeat, linfusion, unet, args):
+    """{softmax,linfusion}_{ms,cpu_ms,peak_mb} and the softmax / LinFusion ratios."""
+    softmax = measure(make_fn(), repeat, args)
     linfusion.mount_to(unet=unet)
     try:
-        linfusion_ms, linfusion_mb = measure(make_fn(), args)
+        lin = measure(make_fn(), repeat, args)
     finally:
         linfusion.unmount(unet=unet)
     return {
-        "softmax_ms": softmax_ms,
-        "linfusion_ms": linfusion_ms,
-        "speedup": softmax_ms / linfusion_ms,
-        "softmax_peak_mb": softmax_mb,
-        "linfusion_peak_mb": linfusion_mb,
-        "memory_ratio": softmax_mb / linfusion_mb,
+        "softmax_ms": softmax[0],
+        "linfusion_ms": lin[0],
+        "speedup": softmax[0] / lin[0],
+        "softmax_cpu_ms": softmax[1],
+        "linfusion_cpu_ms": lin[1],
+        "cpu_time_speedup": softmax[1] / lin[1],
+        "softmax_peak_mb": softmax[2],
+        "linfusion_peak_mb": lin[2],
+        "memory_ratio": softmax[2] / lin[2],
     }
 
 
@@ -120,6 +135,7 @@ def plot(rows, meta, path):
         ax.legend(fontsize=7)
     fig.suptitle(
         f"SD 1.5 UNet, batch {meta['batch']}, {meta['dtype']}, {meta['device_name']}"
+        + ("" if meta["device"] != "cpu" else f", {meta['cpu_threads']} thread(s)")
         + ("" if meta["compiled"] else " (linfusion_ops reference fallback)"),
         fontsize=10,
     )
@@ -137,15 +153,21 @@ def main():
                              "512 1024 2048 4096 on CUDA")
     parser.add_argument("--batch", type=int, default=None, help="default 1 on CPU, 2 (CFG) on CUDA")
     parser.add_argument("--layer-only", action="store_true", help="skip the UNet forward")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--warmup", type=int, default=0, help="untimed runs after the memory run")
-    parser.add_argument("--repeat", type=int, default=None, help="timed runs (median); default 1 on CPU, 10 on CUDA")
-    parser.add_argument("--max-seconds", type=float, default=20.0, help="time budget per measurement")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="timed UNet forwards (median); default 1 on CPU, 10 on CUDA")
+    parser.add_argument("--layer-repeat", type=int, default=10, help="timed layer runs (median)")
+    parser.add_argument("--max-seconds", type=float, default=20.0,
+                        help="stop repeating a measurement after this many seconds (at least one run)")
     args = parser.parse_args()
     cuda = torch.device(args.device).type == "cuda"
     args.dtype = getattr(torch, args.dtype or ("float16" if cuda else "float32"))
     args.resolutions = args.resolutions or ([512, 1024, 2048, 4096] if cuda else [256, 384, 512])
     args.batch = args.batch or (2 if cuda else 1)
     args.repeat = args.repeat or (10 if cuda else 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for res in args.resolutions:
         if res % 64:
             parser.error(f"--resolutions: {res} is not a multiple of 64")
@@ -184,7 +206,7 @@ def main():
     rows = []
     header = (
         f"{'res':>6} {'tokens':>6} {'part':>6} | {'softmax ms':>11} {'LinFusion ms':>12} {'speedup':>7}"
-        f" | {'softmax MiB':>11} {'LinFusion MiB':>13} {'ratio':>6}"
+        f" | {'CPU-time speedup':>16} | {'softmax MiB':>11} {'LinFusion MiB':>13} {'ratio':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -192,10 +214,10 @@ def main():
         row = {"resolution": res, "latent_tokens": (res // 8) ** 2, "unet": None}
         if not args.layer_only:
             row["unet"] = measure_both(
-                lambda: forward_fn(unet, res, args.batch, args.device, args.dtype), linfusion, unet, args
+                lambda: forward_fn(unet, res, args.batch, args.device, args.dtype), args.repeat, linfusion, unet, args
             )
         row["layer"] = measure_both(
-            lambda: layer_fn(attn, res, args.batch, args.device, args.dtype), linfusion, unet, args
+            lambda: layer_fn(attn, res, args.batch, args.device, args.dtype), args.layer_repeat, linfusion, unet, args
         )
         rows.append(row)
         for part in ("unet", "layer"):
@@ -203,7 +225,7 @@ def main():
             if m is not None:
                 print(
                     f"{res:>6} {row['latent_tokens']:>6} {part:>6} | {m['softmax_ms']:>11.1f} {m['linfusion_ms']:>12.1f}"
-                    f" {m['speedup']:>6.2f}x | {m['softmax_peak_mb']:>11.1f} {m['linfusion_peak_mb']:>13.1f}"
+                    f" {m['speedup']:>6.2f}x | {m['cpu_time_speedup']:>15.2f}x | {m['softmax_peak_mb']:>11.1f} {m['linfusion_peak_mb']:>13.1f}"
                     f" {m['memory_ratio']:>5.2f}x",
                     flush=True,
                 )

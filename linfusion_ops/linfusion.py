@@ -18,7 +18,6 @@ import warnings
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from diffusers import ConfigMixin, ModelMixin
