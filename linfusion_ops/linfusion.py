@@ -361,9 +361,11 @@ class LinFusion(ModelMixin, ConfigMixin):
         LinFusion to the UNet's device and dtype.
 
         While mounted, diffusers calls that would set another processor on these modules
-        (attention slicing, fused QKV projections, xformers, set_attn_processor) leave
-        LinFusion's in place with a warning: the distilled projections only make sense with
-        linear attention. Call `unmount` to go back to the UNet's own attention.
+        (attention slicing, fused QKV projections, set_attn_processor) leave LinFusion's in
+        place with a warning (diffusers' set_default_attn_processor refuses): the distilled
+        projections only make sense with linear attention. Call `unmount` to go back to the
+        UNet's own attention (unmount the UNet before saving it, too: while mounted its state
+        dict holds LinFusion's weights).
         """
         unet = _resolve_unet(pipeline, unet)
         if any(mount.unet is unet for mount in self._mounts):

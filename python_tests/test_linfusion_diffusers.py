@@ -465,7 +465,7 @@ def test_compile_fullgraph_processor_with_mask_and_backward():
 
 # ---------------------------------------------------------------------------------------------
 # Coexistence with diffusers features.
-def test_attention_slicing_and_fused_qkv_keep_linfusion():
+def test_slicing_fused_qkv_and_set_attn_processor_keep_linfusion():
     unet = make_unet("sd15")
     linfusion = make_linfusion(unet)
     ref = official_unet(unet, linfusion)
@@ -488,8 +488,16 @@ def test_attention_slicing_and_fused_qkv_keep_linfusion():
     with torch.no_grad():
         torch.testing.assert_close(unet(**inputs).sample, expected, rtol=1e-4, atol=1e-5)
 
+    with pytest.raises(ValueError, match="Cannot call `set_default_attn_processor`"):  # diffusers' own check
+        unet.set_default_attn_processor()
+    with pytest.warns(UserWarning, match="instead of AttnProcessor2_0"):
+        unet.set_attn_processor(AttnProcessor2_0())
+    procs = unet.attn_processors
+    assert all(type(p) is (LinFusionAttnProcessor if n.endswith("attn1.processor") else AttnProcessor2_0) for n, p in procs.items())
+
     linfusion.unmount(unet=unet)
     assert all(not hasattr(m, "to_qkv") and not hasattr(m, "to_q_") for m in attn1_modules(unet).values())
+    assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
 
 
 def test_peft_lora_on_projections():
