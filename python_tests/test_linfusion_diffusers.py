@@ -38,7 +38,7 @@ from transformers import (  # noqa: E402
 )
 
 import linfusion_ops  # noqa: E402
-from conftest import HAS_CUDA, assert_close_lowp, default_floor  # noqa: E402
+from conftest import DEVICES, assert_close_lowp, default_floor  # noqa: E402
 from linfusion_ops import LinFusion, LinFusionAttnProcessor  # noqa: E402
 from linfusion_ops.reference import official_linear_attention  # noqa: E402
 
@@ -656,10 +656,10 @@ def test_controlnet_pipeline_leaves_controlnet_untouched(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# fp16 on a GPU.
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
-def test_fp16_cuda_unet():
-    unet = make_unet("xl").cuda()
+# fp16.
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_unet(device):
+    unet = make_unet("xl").to(device)
     linfusion = make_linfusion(unet, "xl")
     ref32 = official_unet(unet, linfusion)
     ref16 = copy.deepcopy(ref32).half()
@@ -668,8 +668,8 @@ def test_fp16_cuda_unet():
     linfusion16.mount_to(unet=unet16)
     assert linfusion16.dtype == torch.float16
     with torch.no_grad():
-        out = unet16(**unet_inputs("xl", torch.float16, "cuda")).sample
-        expected16 = ref16(**unet_inputs("xl", torch.float16, "cuda")).sample
-        expected = ref32(**unet_inputs("xl", torch.float32, "cuda")).sample
+        out = unet16(**unet_inputs("xl", torch.float16, device)).sample
+        expected16 = ref16(**unet_inputs("xl", torch.float16, device)).sample
+        expected = ref32(**unet_inputs("xl", torch.float32, device)).sample
     assert out.dtype == torch.float16
     assert_close_lowp(out, expected16, expected, floor=default_floor(torch.float16), name="fp16 UNet")
