@@ -109,7 +109,8 @@ def _key_padding_mask(attention_mask: torch.Tensor, batch: int, keys: int) -> to
                 "LinFusionAttnProcessor: an additive attention_mask may only hold 0 (attend) or "
                 f"values <= {_DROP_BIAS:g} (drop); linear attention cannot re-weight keys"
             )
-    return keep.expand(batch, keys)
+    # Materialised (B * N_k bools): kernels may index the mask as a dense (B, N_k) array.
+    return keep.expand(batch, keys).contiguous()
 
 
 class LinFusionAttnProcessor:

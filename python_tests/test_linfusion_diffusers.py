@@ -377,6 +377,13 @@ def test_processor_cross_attention_and_key_padding_mask():
         expected = attn.to_out[0](official_linear_attention(q, k, v, attn.heads))
         torch.testing.assert_close(out[b : b + 1], expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out_bool, out, rtol=0, atol=0)
+    # A mask shared by the batch (1, 1, 1, N_k): dropping keys 4 and 5 = cutting them off.
+    shared = torch.zeros(1, 1, 1, 6, dtype=torch.float64)
+    shared[..., 4:] = torch.finfo(torch.float64).min
+    torch.testing.assert_close(
+        attn(x, encoder_hidden_states=ctx, attention_mask=shared), attn(x, encoder_hidden_states=ctx[:, :4]),
+        rtol=1e-12, atol=1e-12,
+    )
 
     with pytest.raises(ValueError, match="can only drop keys"):
         attn(x, encoder_hidden_states=ctx, attention_mask=torch.zeros(2, 9, 6, dtype=torch.float64))
