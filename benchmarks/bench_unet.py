@@ -14,9 +14,9 @@ Two measurements per resolution, in the same process: one UNet forward (inferenc
 attention's own cost where the convolutions dominate the forward. For each: the median time of
 --repeat (UNet) or --layer-repeat (layer) runs, in wall time and in the process's CPU time (the
 fair measure on a CPU shared with other jobs), after one run that measures the peak memory
-allocated beyond the weights and inputs (benchmarks.common), and the softmax / LinFusion ratios. --layer-only skips the UNet
-forward, to reach higher resolutions. Writes benchmarks/out/unet_<device>[_layer].json and
-a plot unet_<device>[_layer].png.
+allocated beyond the weights and inputs (benchmarks.common), and the softmax / LinFusion
+ratios. --layer-only skips the UNet forward, to reach higher resolutions. Writes
+benchmarks/out/unet_<device>[_layer].json and a plot unet_<device>[_layer].png.
 
     python benchmarks/bench_unet.py --device cpu --resolutions 256 384 512
     python benchmarks/bench_unet.py --device cpu --layer-only --resolutions 768 1024
@@ -67,7 +67,9 @@ def forward_fn(unet, res, batch, device, dtype):
 
 def layer_fn(attn, res, batch, device, dtype):
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(batch, (res // 8) ** 2, attn.to_q.in_features, generator=g).to(device=device, dtype=dtype)
+    x = torch.randn(batch, (res // 8) ** 2, attn.to_q.in_features, generator=g).to(
+        device=device, dtype=dtype
+    )
 
     def run():
         with torch.inference_mode():
@@ -124,12 +126,29 @@ def plot(rows, meta, path):
     for part, style in (("unet", "-"), ("layer", "--")):
         if rows[0][part] is None:
             continue
-        for key, label, color in (("softmax", "diffusers AttnProcessor2_0", "C0"), ("linfusion", "LinFusion", "C1")):
+        for key, label, color in (
+            ("softmax", "diffusers AttnProcessor2_0", "C0"),
+            ("linfusion", "LinFusion", "C1"),
+        ):
             name = f"{label}, {'UNet forward' if part == 'unet' else 'first attn1 layer'}"
-            ax_t.plot(res, [r[part][f"{key}_ms"] for r in rows], style, marker="o", color=color, label=name)
-            ax_m.plot(res, [r[part][f"{key}_peak_mb"] for r in rows], style, marker="o", color=color, label=name)
+            ax_t.plot(
+                res, [r[part][f"{key}_ms"] for r in rows], style, marker="o", color=color, label=name
+            )
+            ax_m.plot(
+                res,
+                [r[part][f"{key}_peak_mb"] for r in rows],
+                style,
+                marker="o",
+                color=color,
+                label=name,
+            )
     ax_t.set(xlabel="resolution (px)", ylabel="time (ms)", yscale="log", xticks=res)
-    ax_m.set(xlabel="resolution (px)", ylabel="peak memory beyond weights and inputs (MiB)", yscale="log", xticks=res)
+    ax_m.set(
+        xlabel="resolution (px)",
+        ylabel="peak memory beyond weights and inputs (MiB)",
+        yscale="log",
+        xticks=res,
+    )
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -146,20 +165,37 @@ def plot(rows, meta, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="default: float16 on CUDA, float32 on CPU")
-    parser.add_argument("--resolutions", type=int, nargs="+", default=None,
-                        help="image sizes in px (multiples of 64); default 256 384 512 on CPU, "
-                             "512 1024 2048 4096 on CUDA")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="default: float16 on CUDA, float32 on CPU",
+    )
+    parser.add_argument(
+        "--resolutions",
+        type=int,
+        nargs="+",
+        default=None,
+        help="image sizes in px (multiples of 64); default 256 384 512 on CPU, "
+        "512 1024 2048 4096 on CUDA",
+    )
     parser.add_argument("--batch", type=int, default=None, help="default 1 on CPU, 2 (CFG) on CUDA")
     parser.add_argument("--layer-only", action="store_true", help="skip the UNet forward")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--warmup", type=int, default=0, help="untimed runs after the memory run")
-    parser.add_argument("--repeat", type=int, default=None,
-                        help="timed UNet forwards (median); default 1 on CPU, 10 on CUDA")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="timed UNet forwards (median); default 1 on CPU, 10 on CUDA",
+    )
     parser.add_argument("--layer-repeat", type=int, default=10, help="timed layer runs (median)")
-    parser.add_argument("--max-seconds", type=float, default=20.0,
-                        help="stop repeating a measurement after this many seconds (at least one run)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=20.0,
+        help="stop repeating a measurement after this many seconds (at least one run)",
+    )
     args = parser.parse_args()
     cuda = torch.device(args.device).type == "cuda"
     args.dtype = getattr(torch, args.dtype or ("float16" if cuda else "float32"))
@@ -181,7 +217,11 @@ def main():
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": args.device,
-        "device_name": torch.cuda.get_device_name(args.device) if cuda else platform.processor() or platform.machine(),
+        "device_name": (
+            torch.cuda.get_device_name(args.device)
+            if cuda
+            else platform.processor() or platform.machine()
+        ),
         "cpu_threads": torch.get_num_threads(),
         "dtype": str(args.dtype).replace("torch.", ""),
         "batch": args.batch,
@@ -214,24 +254,35 @@ def main():
         row = {"resolution": res, "latent_tokens": (res // 8) ** 2, "unet": None}
         if not args.layer_only:
             row["unet"] = measure_both(
-                lambda: forward_fn(unet, res, args.batch, args.device, args.dtype), args.repeat, linfusion, unet, args
+                lambda: forward_fn(unet, res, args.batch, args.device, args.dtype),
+                args.repeat,
+                linfusion,
+                unet,
+                args,
             )
         row["layer"] = measure_both(
-            lambda: layer_fn(attn, res, args.batch, args.device, args.dtype), args.layer_repeat, linfusion, unet, args
+            lambda: layer_fn(attn, res, args.batch, args.device, args.dtype),
+            args.layer_repeat,
+            linfusion,
+            unet,
+            args,
         )
         rows.append(row)
         for part in ("unet", "layer"):
             m = row[part]
             if m is not None:
                 print(
-                    f"{res:>6} {row['latent_tokens']:>6} {part:>6} | {m['softmax_ms']:>11.1f} {m['linfusion_ms']:>12.1f}"
-                    f" {m['speedup']:>6.2f}x | {m['cpu_time_speedup']:>15.2f}x | {m['softmax_peak_mb']:>11.1f} {m['linfusion_peak_mb']:>13.1f}"
-                    f" {m['memory_ratio']:>5.2f}x",
+                    f"{res:>6} {row['latent_tokens']:>6} {part:>6}"
+                    f" | {m['softmax_ms']:>11.1f} {m['linfusion_ms']:>12.1f} {m['speedup']:>6.2f}x"
+                    f" | {m['cpu_time_speedup']:>15.2f}x"
+                    f" | {m['softmax_peak_mb']:>11.1f} {m['linfusion_peak_mb']:>13.1f} {m['memory_ratio']:>5.2f}x",
                     flush=True,
                 )
 
     os.makedirs(OUT_DIR, exist_ok=True)
-    stem = os.path.join(OUT_DIR, f"unet_{torch.device(args.device).type}" + ("_layer" if args.layer_only else ""))
+    stem = os.path.join(
+        OUT_DIR, f"unet_{torch.device(args.device).type}" + ("_layer" if args.layer_only else "")
+    )
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     plot(rows, meta, stem + ".png")

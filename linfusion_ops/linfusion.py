@@ -187,7 +187,12 @@ class LinFusionAttnProcessor:
             key = attn.norm_k(key.unflatten(-1, (heads, -1))).flatten(-2)
 
         hidden_states = linear_attention(
-            query, key, value, heads, feature_map="elu", eps=LINFUSION_EPS,
+            query,
+            key,
+            value,
+            heads,
+            feature_map="elu",
+            eps=LINFUSION_EPS,
             key_padding_mask=key_padding_mask,
         )
 
@@ -229,7 +234,11 @@ def _resolve_unet(pipeline, unet):
 def _is_self_attention(name: str, module: nn.Module) -> bool:
     # The official code selects the UNet's attn1 modules; is_cross_attention guards against
     # an attn1 that is configured as cross-attention (only_cross_attention blocks).
-    return isinstance(module, Attention) and name.rsplit(".", 1)[-1] == "attn1" and not module.is_cross_attention
+    return (
+        isinstance(module, Attention)
+        and name.rsplit(".", 1)[-1] == "attn1"
+        and not module.is_cross_attention
+    )
 
 
 class _Mount:
@@ -265,7 +274,9 @@ class LinFusion(ModelMixin, ConfigMixin):
         super().__init__()
         self.modules_dict = {}
         for i, entry in enumerate(modules_list):
-            layer = GeneralizedLinearAttention(entry["dim_n"], entry["heads"], entry["projection_mid_dim"])
+            layer = GeneralizedLinearAttention(
+                entry["dim_n"], entry["heads"], entry["projection_mid_dim"]
+            )
             self.add_module(str(i), layer)
             self.modules_dict[entry["module_name"]] = layer
         self._mounts: List[_Mount] = []
@@ -347,8 +358,8 @@ class LinFusion(ModelMixin, ConfigMixin):
                     f"LinFusion: {name} carries a PEFT adapter; mount LinFusion before "
                     "loading LoRA adapters (they then apply to LinFusion's projections)"
                 )
-        dim = attn.to_q.in_features
-        if (dim, attn.heads) != (layer.to_q.in_features, layer.heads) or attn.to_out[0].out_features != dim:
+        dim, out_dim = attn.to_q.in_features, attn.to_out[0].out_features
+        if (dim, out_dim, attn.heads) != (layer.to_q.in_features, dim, layer.heads):
             raise ValueError(
                 f"LinFusion: {name} has width {dim} and {attn.heads} heads, but the LinFusion entry "
                 f"expects width {layer.to_q.in_features} and {layer.heads} heads: wrong checkpoint "
@@ -376,7 +387,9 @@ class LinFusion(ModelMixin, ConfigMixin):
             try:
                 attn = unet.get_submodule(name)
             except AttributeError as exc:
-                raise ValueError(f"LinFusion: the UNet has no module {name!r}: wrong checkpoint?") from exc
+                raise ValueError(
+                    f"LinFusion: the UNet has no module {name!r}: wrong checkpoint?"
+                ) from exc
             self._check_target(name, layer, attn)
             targets.append((attn, layer))
 

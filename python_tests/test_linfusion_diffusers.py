@@ -45,24 +45,41 @@ from linfusion_ops.reference import official_linear_attention  # noqa: E402
 # SD 1.5 shape: 8 heads everywhere (diffusers' attention_head_dim=8 means 8 heads for SD 1.5),
 # attention on every level. Head dims 4 and 8 here (40, 80, 160 in the real model).
 SD15_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
 )
 # SD 2.1 shape: heads growing with the width at a fixed head dim (64 in the real model, 16
 # here), linear projections in the transformer blocks, upcast attention.
 SD21_UNET = dict(
-    SD15_UNET, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True,
+    SD15_UNET,
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    upcast_attention=True,
 )
 # SD XL shape: no attention on the first level, 10 and 20 heads, two transformer layers on the
 # last level, text_time conditioning (pooled text embedding 16 + 6 time ids of 8 channels).
 XL_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 40, 80),
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(16, 40, 80),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 1, 2),
-    norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
+    cross_attention_dim=32,
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 1, 2),
+    norm_num_groups=8,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=16 + 6 * 8,
 )
 XL_MID_DIM_SCALE = 16  # LinFusion-XL: projection_mid_dim = dim_n // 16
@@ -98,7 +115,9 @@ def _to(value, device):
 def make_linfusion(unet, mid=None, seed=2):
     """A LinFusion for `unet` with random weights everywhere (LayerNorm affine included), so that
     every parameter matters. mid: None, an int, -1, or "xl" (dim // 16)."""
-    config = LinFusion.get_default_config(unet=unet, mid_dim_scale=XL_MID_DIM_SCALE if mid == "xl" else None)
+    config = LinFusion.get_default_config(
+        unet=unet, mid_dim_scale=XL_MID_DIM_SCALE if mid == "xl" else None
+    )
     if mid not in (None, "xl"):
         for entry in config["modules_list"]:
             entry["projection_mid_dim"] = mid
@@ -114,7 +133,7 @@ def make_linfusion(unet, mid=None, seed=2):
 
 class OfficialLinFusionLayer(nn.Module):
     """The official GeneralizedLinearAttention.forward in plain PyTorch: unfused MLP as a
-    residual, heads transposed, LinFusion's formula (linfusion_ops.reference.official_linear_attention)."""
+    residual, heads transposed, LinFusion's formula (reference.official_linear_attention)."""
 
     def __init__(self, layer):
         super().__init__()
@@ -146,9 +165,20 @@ def attn1_modules(unet):
 def official_keys(modules_list):
     keys = set()
     for i, entry in enumerate(modules_list):
-        keys |= {f"{i}.to_q.weight", f"{i}.to_k.weight", f"{i}.to_v.weight", f"{i}.to_out.0.weight", f"{i}.to_out.0.bias"}
+        keys |= {
+            f"{i}.to_q.weight",
+            f"{i}.to_k.weight",
+            f"{i}.to_v.weight",
+            f"{i}.to_out.0.weight",
+            f"{i}.to_out.0.bias",
+        }
         if entry["projection_mid_dim"] != -1:
-            keys |= {f"{i}.{mlp}.{j}.{p}" for mlp in ("to_q_", "to_k_") for j in (0, 1, 3) for p in ("weight", "bias")}
+            keys |= {
+                f"{i}.{mlp}.{j}.{p}"
+                for mlp in ("to_q_", "to_k_")
+                for j in (0, 1, 3)
+                for p in ("weight", "bias")
+            }
     return keys
 
 
@@ -178,7 +208,9 @@ def test_mounted_unet_matches_official(kind, mid):
     heads = {m.heads for m in attn1_modules(unet).values()}
     assert heads == {"sd15": {8}, "sd21": {2, 4}, "xl": {10, 20}}[kind]
     if kind == "xl":
-        assert [e["projection_mid_dim"] for e in linfusion.config.modules_list] == [e["dim_n"] // 16 for e in linfusion.config.modules_list]
+        assert [e["projection_mid_dim"] for e in linfusion.config.modules_list] == [
+            e["dim_n"] // 16 for e in linfusion.config.modules_list
+        ]
 
     inputs = unet_inputs(kind, torch.float64)
     with torch.no_grad():
@@ -204,7 +236,9 @@ def test_save_load_round_trip_official_format(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["_class_name"] == "LinFusion"
     assert config["modules_list"] == linfusion.config.modules_list
-    assert all(set(e) == {"module_name", "dim_n", "heads", "projection_mid_dim"} for e in config["modules_list"])
+    assert all(
+        set(e) == {"module_name", "dim_n", "heads", "projection_mid_dim"} for e in config["modules_list"]
+    )
     tensors = load_file(tmp_path / "diffusion_pytorch_model.safetensors")
     assert set(tensors) == official_keys(config["modules_list"])
     assert {n for n, _ in linfusion.named_parameters()} == set(tensors)
@@ -231,7 +265,9 @@ def test_loads_folder_written_with_official_keys(tmp_path):
         for (name, m), mid in zip(attn1_modules(unet).items(), [None, 8, -1, None, 16, None, None])
     ]
     (tmp_path / "config.json").write_text(
-        json.dumps({"_class_name": "LinFusion", "_diffusers_version": "0.30.0", "modules_list": modules_list})
+        json.dumps(
+            {"_class_name": "LinFusion", "_diffusers_version": "0.30.0", "modules_list": modules_list}
+        )
     )
     g = torch.Generator().manual_seed(3)
     tensors = {}
@@ -286,7 +322,9 @@ def test_construct_for_pipeline_mapping(tmp_path, monkeypatch):
     pipe.register_to_config(_name_or_path="runwayml/stable-diffusion-v1-5")
     LinFusion.construct_for(pipe)
     LinFusion.construct_for(unet=make_unet("sd15"), pipe_name_path="Lykon/dreamshaper-8")
-    xl = LinFusion.construct_for(unet=make_unet("xl"), pipe_name_path="stabilityai/stable-diffusion-xl-base-1.0")
+    xl = LinFusion.construct_for(
+        unet=make_unet("xl"), pipe_name_path="stabilityai/stable-diffusion-xl-base-1.0"
+    )
     assert asked == ["Yuanshi/LinFusion-1-5", "Yuanshi/LinFusion-1-5", "Yuanshi/LinFusion-XL"]
     assert xl.config.modules_list[0]["projection_mid_dim"] == xl.config.modules_list[0]["dim_n"] // 16
     with pytest.raises(ValueError, match="no checkpoint known for pipeline 'my/model'"):
@@ -348,8 +386,15 @@ def test_mount_rejects_mismatched_checkpoint():
 def test_processor_4d_group_norm_spatial_norm_residual_rescale():
     torch.manual_seed(4)
     attn = Attention(
-        query_dim=32, heads=4, dim_head=8, norm_num_groups=4, spatial_norm_dim=3,
-        residual_connection=True, rescale_output_factor=2.0, bias=True, processor=LinFusionAttnProcessor(),
+        query_dim=32,
+        heads=4,
+        dim_head=8,
+        norm_num_groups=4,
+        spatial_norm_dim=3,
+        residual_connection=True,
+        rescale_output_factor=2.0,
+        bias=True,
+        processor=LinFusionAttnProcessor(),
     ).double()
     x = torch.randn(2, 32, 4, 5, dtype=torch.float64)
     temb = torch.randn(2, 3, 2, 2, dtype=torch.float64)
@@ -364,7 +409,9 @@ def test_processor_4d_group_norm_spatial_norm_residual_rescale():
 
 def test_processor_cross_attention_and_key_padding_mask():
     torch.manual_seed(5)
-    attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8, processor=LinFusionAttnProcessor()).double()
+    attn = Attention(
+        query_dim=16, cross_attention_dim=12, heads=2, dim_head=8, processor=LinFusionAttnProcessor()
+    ).double()
     x = torch.randn(2, 9, 16, dtype=torch.float64)
     ctx = torch.randn(2, 6, 12, dtype=torch.float64)
     kept = [6, 4]
@@ -381,8 +428,10 @@ def test_processor_cross_attention_and_key_padding_mask():
     shared = torch.zeros(1, 1, 1, 6, dtype=torch.float64)
     shared[..., 4:] = torch.finfo(torch.float64).min
     torch.testing.assert_close(
-        attn(x, encoder_hidden_states=ctx, attention_mask=shared), attn(x, encoder_hidden_states=ctx[:, :4]),
-        rtol=1e-12, atol=1e-12,
+        attn(x, encoder_hidden_states=ctx, attention_mask=shared),
+        attn(x, encoder_hidden_states=ctx[:, :4]),
+        rtol=1e-12,
+        atol=1e-12,
     )
 
     with pytest.raises(ValueError, match="can only drop keys"):
@@ -390,7 +439,9 @@ def test_processor_cross_attention_and_key_padding_mask():
     with pytest.raises(ValueError, match="can only drop keys"):
         attn(x, encoder_hidden_states=ctx, attention_mask=torch.zeros(2, 1, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="cannot re-weight keys"):
-        attn(x, encoder_hidden_states=ctx, attention_mask=torch.full((2, 1, 6), -0.5, dtype=torch.float64))
+        attn(
+            x, encoder_hidden_states=ctx, attention_mask=torch.full((2, 1, 6), -0.5, dtype=torch.float64)
+        )
 
 
 def test_processor_uses_fused_layer_norm_leaky_relu(monkeypatch):
@@ -406,7 +457,9 @@ def test_processor_uses_fused_layer_norm_leaky_relu(monkeypatch):
         return real(x, weight, bias, eps=eps, negative_slope=negative_slope)
 
     monkeypatch.setattr(module, "layer_norm_leaky_relu", spy)
-    layer = LinFusion(modules_list=[{"module_name": "a.attn1", "dim_n": 16, "heads": 2, "projection_mid_dim": 6}]).get_submodule("0")
+    layer = LinFusion(
+        modules_list=[{"module_name": "a.attn1", "dim_n": 16, "heads": 2, "projection_mid_dim": 6}]
+    ).get_submodule("0")
     layer(torch.randn(2, 5, 16))
     assert calls == [((2, 5, 6), 1e-5, 0.01)] * 2
 
@@ -448,12 +501,16 @@ def test_compile_fullgraph_unet():
     torch._dynamo.reset()
     compiled = torch.compile(unet, fullgraph=True, backend="eager")
     with torch.no_grad():
-        torch.testing.assert_close(compiled(**inputs).sample, unet(**inputs).sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            compiled(**inputs).sample, unet(**inputs).sample, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_compile_fullgraph_processor_with_mask_and_backward():
     torch.manual_seed(6)
-    layer = LinFusion(modules_list=[{"module_name": "a.attn1", "dim_n": 16, "heads": 2, "projection_mid_dim": None}]).get_submodule("0")
+    layer = LinFusion(
+        modules_list=[{"module_name": "a.attn1", "dim_n": 16, "heads": 2, "projection_mid_dim": None}]
+    ).get_submodule("0")
     x = torch.randn(2, 7, 16, requires_grad=True)
     mask = torch.zeros(2, 1, 7)
     mask[0, :, 5:] = -float("inf")
@@ -481,29 +538,44 @@ def test_slicing_fused_qkv_and_set_attn_processor_keep_linfusion():
     with torch.no_grad():
         expected = ref(**inputs).sample
 
-    with pytest.warns(UserWarning, match="keeping LinFusionAttnProcessor .* instead of SlicedAttnProcessor"):
+    with pytest.warns(
+        UserWarning, match="keeping LinFusionAttnProcessor .* instead of SlicedAttnProcessor"
+    ):
         unet.set_attention_slice(1)
     procs = unet.attn_processors
-    assert all(type(p) is (LinFusionAttnProcessor if n.endswith("attn1.processor") else SlicedAttnProcessor) for n, p in procs.items())
+    assert all(
+        type(p) is (LinFusionAttnProcessor if n.endswith("attn1.processor") else SlicedAttnProcessor)
+        for n, p in procs.items()
+    )
     with torch.no_grad():
         torch.testing.assert_close(unet(**inputs).sample, expected, rtol=1e-4, atol=1e-5)
 
     with pytest.warns(UserWarning, match="instead of FusedAttnProcessor2_0"):
         unet.fuse_qkv_projections()
     procs = unet.attn_processors
-    assert all(type(p) is (LinFusionAttnProcessor if n.endswith("attn1.processor") else FusedAttnProcessor2_0) for n, p in procs.items())
+    assert all(
+        type(p) is (LinFusionAttnProcessor if n.endswith("attn1.processor") else FusedAttnProcessor2_0)
+        for n, p in procs.items()
+    )
     with torch.no_grad():
         torch.testing.assert_close(unet(**inputs).sample, expected, rtol=1e-4, atol=1e-5)
 
-    with pytest.raises(ValueError, match="Cannot call `set_default_attn_processor`"):  # diffusers' own check
+    with pytest.raises(
+        ValueError, match="Cannot call `set_default_attn_processor`"
+    ):  # diffusers' own check
         unet.set_default_attn_processor()
     with pytest.warns(UserWarning, match="instead of AttnProcessor2_0"):
         unet.set_attn_processor(AttnProcessor2_0())
     procs = unet.attn_processors
-    assert all(type(p) is (LinFusionAttnProcessor if n.endswith("attn1.processor") else AttnProcessor2_0) for n, p in procs.items())
+    assert all(
+        type(p) is (LinFusionAttnProcessor if n.endswith("attn1.processor") else AttnProcessor2_0)
+        for n, p in procs.items()
+    )
 
     linfusion.unmount(unet=unet)
-    assert all(not hasattr(m, "to_qkv") and not hasattr(m, "to_q_") for m in attn1_modules(unet).values())
+    assert all(
+        not hasattr(m, "to_qkv") and not hasattr(m, "to_q_") for m in attn1_modules(unet).values()
+    )
     assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
 
 
@@ -517,7 +589,12 @@ def test_peft_lora_on_projections():
     with torch.no_grad():
         before = unet(**inputs).sample
     unet.add_adapter(
-        peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=4,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            init_lora_weights=False,
+        )
     )
     for attn in attn1_modules(unet).values():
         assert hasattr(attn.to_q, "base_layer") and hasattr(attn.to_out[0], "base_layer")
@@ -562,7 +639,9 @@ def test_ip_adapter_keeps_linfusion_on_self_attention():
     }
     unet._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
     for name, p in unet.attn_processors.items():
-        assert type(p) is (LinFusionAttnProcessor if name.endswith("attn1.processor") else IPAdapterAttnProcessor2_0)
+        assert type(p) is (
+            LinFusionAttnProcessor if name.endswith("attn1.processor") else IPAdapterAttnProcessor2_0
+        )
     inputs = unet_inputs("sd15")
     outs = []
     for _ in range(2):
@@ -588,32 +667,54 @@ def write_tokenizer(folder):
 
 def text_config(hidden_size, **kwargs):
     return CLIPTextConfig(
-        hidden_size=hidden_size, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, vocab_size=64,
-        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1, **kwargs,
+        hidden_size=hidden_size,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        vocab_size=64,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **kwargs,
     )
 
 
 def tiny_vae():
     torch.manual_seed(8)
     return AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
     )
 
 
 def tiny_sd_pipeline(tok_dir, unet=None):
     torch.manual_seed(9)
     return StableDiffusionPipeline(
-        vae=tiny_vae(), text_encoder=CLIPTextModel(text_config(32)), tokenizer=write_tokenizer(tok_dir),
-        unet=unet if unet is not None else make_unet("sd15"), scheduler=EulerDiscreteScheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=tiny_vae(),
+        text_encoder=CLIPTextModel(text_config(32)),
+        tokenizer=write_tokenizer(tok_dir),
+        unet=unet if unet is not None else make_unet("sd15"),
+        scheduler=EulerDiscreteScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
 def run_pipe(pipe, **kwargs):
     return pipe(
-        "a cat", num_inference_steps=2, height=16, width=16, output_type="np",
-        generator=torch.Generator().manual_seed(0), **kwargs,
+        "a cat",
+        num_inference_steps=2,
+        height=16,
+        width=16,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
     ).images
 
 
@@ -625,7 +726,9 @@ def test_sd_pipeline_end_to_end(tmp_path):
     assert image.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(image)).all()
 
     pipe.unet = official_unet(base_unet, linfusion)
-    torch.testing.assert_close(torch.from_numpy(run_pipe(pipe)), torch.from_numpy(image), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch.from_numpy(run_pipe(pipe)), torch.from_numpy(image), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_sdxl_pipeline_end_to_end(tmp_path):
@@ -633,10 +736,13 @@ def test_sdxl_pipeline_end_to_end(tmp_path):
     unet = make_unet("xl")
     pipe = StableDiffusionXLPipeline(
         # SD XL concatenates both encoders' states: 16 + 16 = the UNet's cross_attention_dim.
-        vae=tiny_vae(), text_encoder=CLIPTextModel(text_config(16)),
+        vae=tiny_vae(),
+        text_encoder=CLIPTextModel(text_config(16)),
         text_encoder_2=CLIPTextModelWithProjection(text_config(16, projection_dim=16)),
-        tokenizer=write_tokenizer(tmp_path / "t1"), tokenizer_2=write_tokenizer(tmp_path / "t2"),
-        unet=unet, scheduler=EulerDiscreteScheduler(),
+        tokenizer=write_tokenizer(tmp_path / "t1"),
+        tokenizer_2=write_tokenizer(tmp_path / "t2"),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(),
     )
     linfusion = make_linfusion(unet, "xl")
     ref_unet = official_unet(unet, linfusion)
@@ -645,7 +751,9 @@ def test_sdxl_pipeline_end_to_end(tmp_path):
     assert image.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(image)).all()
 
     pipe.unet = ref_unet
-    torch.testing.assert_close(torch.from_numpy(run_pipe(pipe)), torch.from_numpy(image), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch.from_numpy(run_pipe(pipe)), torch.from_numpy(image), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_controlnet_pipeline_leaves_controlnet_untouched(tmp_path):
