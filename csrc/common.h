@@ -47,6 +47,19 @@ C10_HOST_DEVICE inline T feature_map_grad(T x) {
   }
 }
 
+// phi'(x) from y = phi(x), so a backward that holds phi(x) need not evaluate exp again:
+// elu: x > 0 <=> y > 1 (y = x + 1), else phi'(x) = exp(x) = y, i.e. min(y, 1); relu: y > 0.
+template <FeatureMap F, typename T>
+C10_HOST_DEVICE inline T feature_map_grad_from_value(T y) {
+  if constexpr (F == FeatureMap::kElu) {
+    return y < T(1) ? y : T(1);
+  } else if constexpr (F == FeatureMap::kRelu) {
+    return y > T(0) ? T(1) : T(0);
+  } else {
+    return T(1);
+  }
+}
+
 // Calls body.template operator()<F>() with the runtime feature map turned into a constant.
 template <typename Body>
 inline void dispatch_feature_map(FeatureMap feature_map, Body&& body) {
@@ -180,6 +193,34 @@ inline LinearAttentionDims check_apply_args(const at::Tensor& q, const at::Tenso
   LinearAttentionDims dims{q.size(0), q.size(1), heads, head_width(q, heads, "q"),
                            state.size(3)};
   check_state_shapes(state, key_mean, dims, q.scalar_type(), "state", "key_mean");
+  return dims;
+}
+
+// Backward of the state pass: the forward's checks plus grad_state (B, H, Dk, Dv) and
+// grad_key_mean (B, H, Dk) in the accumulation dtype, on k's device.
+inline LinearAttentionDims check_state_backward_args(
+    const at::Tensor& grad_state, const at::Tensor& grad_key_mean, const at::Tensor& k,
+    const at::Tensor& v, int64_t heads, const c10::optional<at::Tensor>& key_padding_mask) {
+  const auto dims = check_state_args(k, v, heads, key_padding_mask);
+  check_same_device(k, "k", grad_state, "grad_state");
+  check_same_device(k, "k", grad_key_mean, "grad_key_mean");
+  check_state_shapes(grad_state, grad_key_mean, dims, k.scalar_type(), "grad_state",
+                     "grad_key_mean");
+  return dims;
+}
+
+// Backward of the apply pass: the forward's checks plus grad_out (B, Nq, H*Dv) like q.
+inline LinearAttentionDims check_apply_backward_args(const at::Tensor& grad_out,
+                                                     const at::Tensor& q, const at::Tensor& state,
+                                                     const at::Tensor& key_mean, int64_t heads,
+                                                     double eps) {
+  const auto dims = check_apply_args(q, state, key_mean, heads, eps);
+  check_dim(grad_out, 3, "grad_out", "(batch, tokens, heads * value_dim)");
+  check_same_dtype(q, "q", grad_out, "grad_out");
+  check_same_device(q, "q", grad_out, "grad_out");
+  check_size(grad_out, 0, dims.batch, "grad_out", "batch, as in q");
+  check_size(grad_out, 1, dims.tokens, "grad_out", "tokens, as in q");
+  check_size(grad_out, 2, dims.heads * dims.value_dim, "grad_out", "heads * value_dim");
   return dims;
 }
 
