@@ -47,19 +47,6 @@ C10_HOST_DEVICE inline T feature_map_grad(T x) {
   }
 }
 
-// phi'(x) from y = phi(x), so a backward that holds phi(x) need not evaluate exp again:
-// elu: x > 0 <=> y > 1 (y = x + 1), else phi'(x) = exp(x) = y, i.e. min(y, 1); relu: y > 0.
-template <FeatureMap F, typename T>
-C10_HOST_DEVICE inline T feature_map_grad_from_value(T y) {
-  if constexpr (F == FeatureMap::kElu) {
-    return y < T(1) ? y : T(1);
-  } else if constexpr (F == FeatureMap::kRelu) {
-    return y > T(0) ? T(1) : T(0);
-  } else {
-    return T(1);
-  }
-}
-
 // Calls body.template operator()<F>() with the runtime feature map turned into a constant.
 template <typename Body>
 inline void dispatch_feature_map(FeatureMap feature_map, Body&& body) {

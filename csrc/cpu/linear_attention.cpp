@@ -31,7 +31,7 @@ namespace linfusion_ops {
 namespace {
 
 // Tokens per work unit: large enough for efficient GEMMs and few ATen calls, small enough that
-// a unit's scratch (at most 2 * H * (Dk + Dv + 1) values per token) stays in cache. Depends only
+// a unit's scratch (2 to 3 * H * (Dk + Dv + 1) values per token) stays in L2/L3. Depends only
 // on the shape, never on the number of threads.
 int64_t chunk_tokens(const LinearAttentionDims& d) {
   const int64_t per_token = std::max<int64_t>(2 * d.heads * (d.head_dim + d.value_dim + 1), 1);
@@ -176,6 +176,11 @@ inline void load(const scalar_t* src, acc_t* dst, int64_t width) {
   for (int64_t d = 0; d < width; ++d) dst[d] = static_cast<acc_t>(src[d]);
 }
 
+template <typename acc_t, typename scalar_t>
+inline void store(const acc_t* src, scalar_t* dst, int64_t width) {
+  for (int64_t d = 0; d < width; ++d) dst[d] = static_cast<scalar_t>(src[d]);
+}
+
 // phi in place on the gathered chunk, with ATen's vectorised kernels: a scalar exp would cost
 // more than the GEMMs (inside at::parallel_for these run on the calling thread). elu + 1 is
 // computed as exp(min(x, 0)) + max(x, 0), because ATen's elu kernel is several times slower than
@@ -187,6 +192,19 @@ void apply_feature_map(at::Tensor x, at::Tensor tmp) {
     x.clamp_min_(0).add_(tmp);
   } else if constexpr (F == FeatureMap::kRelu) {
     at::relu_(x);
+  }
+}
+
+// grad *= phi'(x) in place, from phi = phi(x) rather than x, so exp is not evaluated again:
+// elu: x > 0 <=> phi > 1, else phi'(x) = exp(x) = phi, so phi' = min(phi, 1); relu: phi >= 0 and
+// phi' = sign(phi). ATen's vectorised kernels again (a scalar loop branches on every value);
+// tmp is scratch of grad's size.
+template <FeatureMap F>
+void apply_feature_map_grad(at::Tensor grad, const at::Tensor& phi, at::Tensor tmp) {
+  if constexpr (F == FeatureMap::kElu) {
+    grad.mul_(at::clamp_max_out(tmp, phi, 1));
+  } else if constexpr (F == FeatureMap::kRelu) {
+    grad.mul_(at::sign_out(tmp, phi));
   }
 }
 
@@ -297,10 +315,11 @@ void state_backward(StateBackwardArgs& a) {
   const auto gv = token_rows(a.grad_v.data_ptr<scalar_t>(), a.grad_v, dv);
   at::parallel_for(0, d.batch * chunks.count, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> kc(heads, chunks.size, dk), dkc(heads, chunks.size, dk);
+    Scratch<acc_t> tmp(heads, chunks.size, dk);
     Scratch<acc_t> vc(heads, chunks.size, dv + 1), dvc(heads, chunks.size, dv);
     for (int64_t u = begin; u < end; ++u) {
       const auto unit = chunks[u];
-      gather_keys<F>(k, v, keep, d.tokens, heads, unit, kc, vc, dkc);
+      gather_keys<F>(k, v, keep, d.tokens, heads, unit, kc, vc, tmp);
       for (int64_t h = 0; h < heads; ++h) {
         const auto mh = matrix(mp + (unit.batch * heads + h) * dk * (dv + 1), dk, dv + 1);
         auto dk_out = dkc.head(h, unit.rows);
@@ -308,6 +327,8 @@ void state_backward(StateBackwardArgs& a) {
         at::mm_out(dk_out, vc.head(h, unit.rows), mh.t());
         at::mm_out(dv_out, kc.head(h, unit.rows), mh.narrow(1, 0, dv));
       }
+      apply_feature_map_grad<F>(dkc.first_rows(unit.rows), kc.first_rows(unit.rows),
+                                tmp.first_rows(unit.rows));
       for (int64_t i = 0; i < unit.rows; ++i) {
         const int64_t t = unit.first_token + i;
         const bool kept = keep == nullptr || keep[unit.batch * d.tokens + t];
@@ -319,13 +340,8 @@ void state_backward(StateBackwardArgs& a) {
             std::fill(gvrow, gvrow + dv, scalar_t(0));
             continue;
           }
-          const acc_t* phi = kc.row(h, i);
-          const acc_t* grad_phi = dkc.row(h, i);
-          const acc_t* grad_v = dvc.row(h, i);
-          for (int64_t j = 0; j < dk; ++j) {
-            gkrow[j] = static_cast<scalar_t>(grad_phi[j] * feature_map_grad_from_value<F>(phi[j]));
-          }
-          for (int64_t j = 0; j < dv; ++j) gvrow[j] = static_cast<scalar_t>(grad_v[j]);
+          store(dkc.row(h, i), gkrow, dk);
+          store(dvc.row(h, i), gvrow, dv);
         }
       }
     }
@@ -409,11 +425,12 @@ void apply_backward(ApplyBackwardArgs& a) {
   acc_t* parts = partial.data_ptr<acc_t>();
   at::parallel_for(0, d.batch * chunks.count, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> qc(heads, chunks.size, dk), dqc(heads, chunks.size, dk);
+    Scratch<acc_t> tmp(heads, chunks.size, dk);
     Scratch<acc_t> oc(heads, chunks.size, dv + 1);  // [numerator | denominator - eps]
     Scratch<acc_t> gc(heads, chunks.size, dv + 1);  // g
     for (int64_t u = begin; u < end; ++u) {
       const auto unit = chunks[u];
-      gather_queries<F>(q, heads, unit, qc, dqc);
+      gather_queries<F>(q, heads, unit, qc, tmp);
       for (int64_t h = 0; h < heads; ++h) {
         auto num_den = oc.head(h, unit.rows);
         at::mm_out(num_den, qc.head(h, unit.rows),
@@ -442,14 +459,11 @@ void apply_backward(ApplyBackwardArgs& a) {
         at::mm_out(dq_out, g, szh.t());
         at::mm_out(part, qc.head(h, unit.rows).t(), g);
       }
+      apply_feature_map_grad<F>(dqc.first_rows(unit.rows), qc.first_rows(unit.rows),
+                                tmp.first_rows(unit.rows));
       for (int64_t i = 0; i < unit.rows; ++i) {
         for (int64_t h = 0; h < heads; ++h) {
-          const acc_t* phi = qc.row(h, i);
-          const acc_t* grad_phi = dqc.row(h, i);
-          scalar_t* dst = gq.row(unit.batch, unit.first_token + i, h);
-          for (int64_t j = 0; j < dk; ++j) {
-            dst[j] = static_cast<scalar_t>(grad_phi[j] * feature_map_grad_from_value<F>(phi[j]));
-          }
+          store(dqc.row(h, i), gq.row(unit.batch, unit.first_token + i, h), dk);
         }
       }
     }
@@ -497,9 +511,9 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_state_cpu(
     const at::Tensor& k, const at::Tensor& v, int64_t heads, c10::string_view feature_map,
     const c10::optional<at::Tensor>& key_padding_mask) {
   const auto fm = parse_feature_map(std::string(feature_map));
+  const auto d = check_state_args(k, v, heads, key_padding_mask);
   StateArgs args{channels_contiguous(k), channels_contiguous(v), contiguous_mask(key_padding_mask),
-                 check_state_args(k, v, heads, key_padding_mask)};
-  const auto& d = args.dims;
+                 d};
   const auto opts = k.options().dtype(accumulate_dtype(k.scalar_type()));
   args.state = at::empty({d.batch, heads, d.head_dim, d.value_dim}, opts);
   args.key_mean = at::empty({d.batch, heads, d.head_dim}, opts);
@@ -514,10 +528,10 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_state_backward_cpu(
     const at::Tensor& v, int64_t heads, c10::string_view feature_map,
     const c10::optional<at::Tensor>& key_padding_mask) {
   const auto fm = parse_feature_map(std::string(feature_map));
-  StateBackwardArgs args{
-      grad_state, grad_key_mean, channels_contiguous(k), channels_contiguous(v),
-      contiguous_mask(key_padding_mask),
-      check_state_backward_args(grad_state, grad_key_mean, k, v, heads, key_padding_mask)};
+  const auto d =
+      check_state_backward_args(grad_state, grad_key_mean, k, v, heads, key_padding_mask);
+  StateBackwardArgs args{grad_state,           grad_key_mean, channels_contiguous(k),
+                         channels_contiguous(v), contiguous_mask(key_padding_mask), d};
   args.grad_k = at::empty(k.sizes(), k.options());
   args.grad_v = at::empty(v.sizes(), v.options());
   LINFUSION_DISPATCH_FLOATING(k.scalar_type(), "linear_attention_state_backward_cpu", [&] {
@@ -530,9 +544,8 @@ at::Tensor linear_attention_apply_cpu(const at::Tensor& q, const at::Tensor& sta
                                       const at::Tensor& key_mean, int64_t heads,
                                       c10::string_view feature_map, double eps) {
   const auto fm = parse_feature_map(std::string(feature_map));
-  ApplyArgs args{channels_contiguous(q), state, key_mean, eps,
-                 check_apply_args(q, state, key_mean, heads, eps)};
-  const auto& d = args.dims;
+  const auto d = check_apply_args(q, state, key_mean, heads, eps);
+  ApplyArgs args{channels_contiguous(q), state, key_mean, eps, d};
   args.out = at::empty({d.batch, d.tokens, heads * d.value_dim}, q.options());
   LINFUSION_DISPATCH_FLOATING(q.scalar_type(), "linear_attention_apply_cpu", [&] {
     dispatch_feature_map(fm, LaunchApplyForward<scalar_t>{args});
@@ -544,9 +557,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_apply_backward_c
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& state,
     const at::Tensor& key_mean, int64_t heads, c10::string_view feature_map, double eps) {
   const auto fm = parse_feature_map(std::string(feature_map));
+  const auto d = check_apply_backward_args(grad_out, q, state, key_mean, heads, eps);
   ApplyBackwardArgs args{channels_contiguous(grad_out), channels_contiguous(q), state, key_mean,
-                         eps,
-                         check_apply_backward_args(grad_out, q, state, key_mean, heads, eps)};
+                         eps, d};
   args.grad_q = at::empty(q.sizes(), q.options());
   args.grad_state = at::empty(state.sizes(), state.options());
   args.grad_key_mean = at::empty(key_mean.sizes(), key_mean.options());
