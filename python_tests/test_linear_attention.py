@@ -326,17 +326,18 @@ def test_backward_saves_only_inputs_and_state(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_deterministic_across_runs_and_threads(device):
+@pytest.mark.parametrize("b,n,heads,d", [(2, 4097, 8, 40), (1, 300, 1, 160)])
+def test_deterministic_across_runs_and_threads(device, b, n, heads, d):
     """Bitwise-equal outputs and gradients across runs and thread counts (partial sums over token
-    chunks are reduced in a fixed order)."""
+    chunks are reduced in a fixed order). The second shape is a single work unit."""
     gen = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(2, 4097, 8 * 40, generator=gen).to(device) for _ in range(3))
-    mask = (torch.rand(2, 4097, generator=gen) > 0.1).to(device)
-    grad_out = torch.randn(2, 4097, 8 * 40, generator=gen).to(device)
+    q, k, v = (torch.randn(b, n, heads * d, generator=gen).to(device) for _ in range(3))
+    mask = (torch.rand(b, n, generator=gen) > 0.1).to(device)
+    grad_out = torch.randn(b, n, heads * d, generator=gen).to(device)
 
     def run():
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = linfusion_ops.linear_attention(*leaves, 8, key_padding_mask=mask)
+        out = linfusion_ops.linear_attention(*leaves, heads, key_padding_mask=mask)
         return [out.detach(), *torch.autograd.grad(out, leaves, grad_out)]
 
     threads = torch.get_num_threads()
