@@ -1,17 +1,17 @@
 // CPU kernels of generalized linear attention (DESIGN.md, section 1): the state pass, the apply
 // pass and their backwards.
 //
-// Work is split into (batch, token chunk) units run by at::parallel_for. Each unit reads its
-// chunk of the token-major inputs in place (any batch / row stride; whole rows, so the reads are
-// sequential), converts it to the accumulation type into per-head scratch buffers that stay in
-// cache, applies phi there, and does the D x D products of every head with BLAS through
-// at::mm_out (inside at::parallel_for the BLAS call runs single-threaded). Two tricks keep every
-// product a single GEMM:
+// Tokens are cut into chunks, and at::parallel_for runs units of (batch, group of consecutive
+// chunks). For each chunk, a unit reads the token-major inputs in place (any batch / row stride;
+// whole rows, so the reads are sequential), converts them to the accumulation type into per-head
+// scratch buffers that stay in cache, applies phi there with ATen's vectorised kernels, and does
+// the D x D products of every head with BLAS through at::mm_out / addmm_ (inside
+// at::parallel_for the BLAS call runs single-threaded). Two tricks keep every product one GEMM:
 //   * a column of ones appended to v turns phi(k)^T [v | 1] into [state | key_mean];
 //   * the packed [state | key_mean] (Dk x (Dv+1)) gives [numerator | denominator - eps] in one
 //     product with phi(q).
-// Per-chunk partial sums are reduced in chunk order with a chunk length that depends only on the
-// shape, so results are bitwise identical whatever the number of threads.
+// Partial sums over tokens (one per unit) are reduced in token order, and chunks and groups depend
+// only on the shape, so results are bitwise identical whatever the number of threads.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -58,25 +58,50 @@ TokenRows<T> token_rows(T* data, const at::Tensor& t, int64_t width) {
   return {data, t.stride(0), t.stride(1), width};
 }
 
-// Work units of a pass over N tokens: unit u covers one chunk of tokens of one batch, all heads,
-// so that each unit reads whole token rows (sequential memory) whatever the head count.
+// Token chunks of a pass over N tokens. A work unit is one group of consecutive chunks of one
+// batch, all heads, so that each unit reads whole token rows (sequential memory) whatever the head
+// count. Passes that reduce over tokens keep one partial sum per unit and head: capping the
+// number of groups keeps that buffer small at millions of tokens.
 struct Chunks {
+  static constexpr int64_t kMaxGroups = 64;  // per batch
   int64_t tokens;
-  int64_t size;
-  int64_t count;  // chunks per batch
+  int64_t size;       // tokens per chunk
+  int64_t count;      // chunks per batch
+  int64_t per_group;  // chunks per group
+  int64_t groups;     // groups per batch
 
   explicit Chunks(const LinearAttentionDims& dims)
-      : tokens(dims.tokens), size(chunk_tokens(dims)), count((dims.tokens + size - 1) / size) {}
+      : tokens(dims.tokens),
+        size(chunk_tokens(dims)),
+        count((dims.tokens + size - 1) / size),
+        per_group(std::max<int64_t>((count + kMaxGroups - 1) / kMaxGroups, 1)),
+        groups((count + per_group - 1) / per_group) {}
+
+  int64_t units(int64_t batch) const { return batch * groups; }
 
   struct Unit {
     int64_t batch, first_token, rows;
   };
 
-  Unit operator[](int64_t u) const {
-    const int64_t first = (u % count) * size;
-    return {u / count, first, std::min(size, tokens - first)};
+  // Calls body(chunk, first) for the chunks of unit u in token order; first marks the first one.
+  template <typename Body>
+  void for_each_chunk(int64_t u, Body&& body) const {
+    const int64_t batch = u / groups, begin = (u % groups) * per_group;
+    for (int64_t c = begin; c < std::min(count, begin + per_group); ++c) {
+      body(Unit{batch, c * size, std::min(size, tokens - c * size)}, c == begin);
+    }
   }
 };
+
+// out = a @ b on the first chunk of a unit, out += a @ b after.
+inline void accumulate_product(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                               bool first) {
+  if (first) {
+    at::mm_out(out, a, b);
+  } else {
+    out.addmm_(a, b);
+  }
+}
 
 // (rows, cols) row-major matrix over a buffer of the accumulation type (not owned).
 template <typename T>
@@ -118,10 +143,10 @@ std::vector<acc_t> inverse_kept_keys(const bool* keep, int64_t batch, int64_t ke
   return inv_n;
 }
 
-// Sums partial (B, chunks, H, Dk, Dv+1) over chunks in chunk order, times scale[b], into
+// Sums partial (B, groups, H, Dk, Dv+1) over groups in token order, times scale[b], into
 // matrix_out (B, H, Dk, Dv) and vector_out (B, H, Dk), both contiguous, accumulation type.
 template <typename acc_t>
-void reduce_chunks(const at::Tensor& partial, int64_t chunks, const std::vector<acc_t>& scale,
+void reduce_groups(const at::Tensor& partial, int64_t groups, const std::vector<acc_t>& scale,
                    at::Tensor& matrix_out, at::Tensor& vector_out) {
   const int64_t heads = matrix_out.size(1), dk = matrix_out.size(2), dv = matrix_out.size(3);
   const int64_t block = dk * (dv + 1);
@@ -133,8 +158,8 @@ void reduce_chunks(const at::Tensor& partial, int64_t chunks, const std::vector<
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
       std::fill(sum.begin(), sum.end(), acc_t(0));
-      for (int64_t c = 0; c < chunks; ++c) {
-        const acc_t* p = parts + ((b * chunks + c) * heads + h) * block;
+      for (int64_t g = 0; g < groups; ++g) {
+        const acc_t* p = parts + ((b * groups + g) * heads + h) * block;
         for (int64_t i = 0; i < block; ++i) sum[i] += p[i];
       }
       for (int64_t i = 0; i < dk; ++i) {
@@ -267,22 +292,23 @@ void state_forward(StateArgs& a) {
   const bool* keep = a.keep.defined() ? a.keep.const_data_ptr<bool>() : nullptr;
   const auto k = token_rows(a.k.const_data_ptr<scalar_t>(), a.k, dk);
   const auto v = token_rows(a.v.const_data_ptr<scalar_t>(), a.v, dv);
-  // partial (B, chunks, H, Dk, Dv+1): phi(K)^T [V | 1] of each unit and head.
-  auto partial = at::empty({d.batch * chunks.count * heads, dk, dv + 1}, a.state.options());
+  // partial (B, groups, H, Dk, Dv+1): phi(K)^T [V | 1] of each unit and head.
+  auto partial = at::empty({chunks.units(d.batch) * heads, dk, dv + 1}, a.state.options());
   acc_t* parts = partial.data_ptr<acc_t>();
-  at::parallel_for(0, d.batch * chunks.count, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks.units(d.batch), 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> kc(heads, chunks.size, dk), tmp(heads, chunks.size, dk);
     Scratch<acc_t> vc(heads, chunks.size, dv + 1);
     for (int64_t u = begin; u < end; ++u) {
-      const auto unit = chunks[u];
-      gather_keys<F>(k, v, keep, d.tokens, heads, unit, kc, vc, tmp);
-      for (int64_t h = 0; h < heads; ++h) {
-        auto out = matrix(parts + (u * heads + h) * dk * (dv + 1), dk, dv + 1);
-        at::mm_out(out, kc.head(h, unit.rows).t(), vc.head(h, unit.rows));
-      }
+      chunks.for_each_chunk(u, [&](const Chunks::Unit& unit, bool first) {
+        gather_keys<F>(k, v, keep, d.tokens, heads, unit, kc, vc, tmp);
+        for (int64_t h = 0; h < heads; ++h) {
+          auto out = matrix(parts + (u * heads + h) * dk * (dv + 1), dk, dv + 1);
+          accumulate_product(out, kc.head(h, unit.rows).t(), vc.head(h, unit.rows), first);
+        }
+      });
     }
   });
-  reduce_chunks<acc_t>(partial, chunks.count, inverse_kept_keys<acc_t>(keep, d.batch, d.tokens),
+  reduce_groups<acc_t>(partial, chunks.groups, inverse_kept_keys<acc_t>(keep, d.batch, d.tokens),
                        a.state, a.key_mean);
 }
 
@@ -313,37 +339,38 @@ void state_backward(StateBackwardArgs& a) {
   const auto v = token_rows(a.v.const_data_ptr<scalar_t>(), a.v, dv);
   const auto gk = token_rows(a.grad_k.data_ptr<scalar_t>(), a.grad_k, dk);
   const auto gv = token_rows(a.grad_v.data_ptr<scalar_t>(), a.grad_v, dv);
-  at::parallel_for(0, d.batch * chunks.count, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks.units(d.batch), 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> kc(heads, chunks.size, dk), dkc(heads, chunks.size, dk);
     Scratch<acc_t> tmp(heads, chunks.size, dk);
     Scratch<acc_t> vc(heads, chunks.size, dv + 1), dvc(heads, chunks.size, dv);
     for (int64_t u = begin; u < end; ++u) {
-      const auto unit = chunks[u];
-      gather_keys<F>(k, v, keep, d.tokens, heads, unit, kc, vc, tmp);
-      for (int64_t h = 0; h < heads; ++h) {
-        const auto mh = matrix(mp + (unit.batch * heads + h) * dk * (dv + 1), dk, dv + 1);
-        auto dk_out = dkc.head(h, unit.rows);
-        auto dv_out = dvc.head(h, unit.rows);
-        at::mm_out(dk_out, vc.head(h, unit.rows), mh.t());
-        at::mm_out(dv_out, kc.head(h, unit.rows), mh.narrow(1, 0, dv));
-      }
-      apply_feature_map_grad<F>(dkc.first_rows(unit.rows), kc.first_rows(unit.rows),
-                                tmp.first_rows(unit.rows));
-      for (int64_t i = 0; i < unit.rows; ++i) {
-        const int64_t t = unit.first_token + i;
-        const bool kept = keep == nullptr || keep[unit.batch * d.tokens + t];
+      chunks.for_each_chunk(u, [&](const Chunks::Unit& unit, bool) {
+        gather_keys<F>(k, v, keep, d.tokens, heads, unit, kc, vc, tmp);
         for (int64_t h = 0; h < heads; ++h) {
-          scalar_t* gkrow = gk.row(unit.batch, t, h);
-          scalar_t* gvrow = gv.row(unit.batch, t, h);
-          if (!kept) {
-            std::fill(gkrow, gkrow + dk, scalar_t(0));
-            std::fill(gvrow, gvrow + dv, scalar_t(0));
-            continue;
-          }
-          store(dkc.row(h, i), gkrow, dk);
-          store(dvc.row(h, i), gvrow, dv);
+          const auto mh = matrix(mp + (unit.batch * heads + h) * dk * (dv + 1), dk, dv + 1);
+          auto dk_out = dkc.head(h, unit.rows);
+          auto dv_out = dvc.head(h, unit.rows);
+          at::mm_out(dk_out, vc.head(h, unit.rows), mh.t());
+          at::mm_out(dv_out, kc.head(h, unit.rows), mh.narrow(1, 0, dv));
         }
-      }
+        apply_feature_map_grad<F>(dkc.first_rows(unit.rows), kc.first_rows(unit.rows),
+                                  tmp.first_rows(unit.rows));
+        for (int64_t i = 0; i < unit.rows; ++i) {
+          const int64_t t = unit.first_token + i;
+          const bool kept = keep == nullptr || keep[unit.batch * d.tokens + t];
+          for (int64_t h = 0; h < heads; ++h) {
+            scalar_t* gkrow = gk.row(unit.batch, t, h);
+            scalar_t* gvrow = gv.row(unit.batch, t, h);
+            if (!kept) {
+              std::fill(gkrow, gkrow + dk, scalar_t(0));
+              std::fill(gvrow, gvrow + dv, scalar_t(0));
+              continue;
+            }
+            store(dkc.row(h, i), gkrow, dk);
+            store(dvc.row(h, i), gvrow, dv);
+          }
+        }
+      });
     }
   });
 }
@@ -370,25 +397,26 @@ void apply_forward(ApplyArgs& a) {
   const auto q = token_rows(a.q.const_data_ptr<scalar_t>(), a.q, dk);
   const auto o = token_rows(a.out.data_ptr<scalar_t>(), a.out, dv);
   const acc_t eps = static_cast<acc_t>(a.eps);
-  at::parallel_for(0, d.batch * chunks.count, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks.units(d.batch), 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> qc(heads, chunks.size, dk), tmp(heads, chunks.size, dk);
     Scratch<acc_t> oc(heads, chunks.size, dv + 1);  // [numerator | denominator - eps]
     for (int64_t u = begin; u < end; ++u) {
-      const auto unit = chunks[u];
-      gather_queries<F>(q, heads, unit, qc, tmp);
-      for (int64_t h = 0; h < heads; ++h) {
-        auto num_den = oc.head(h, unit.rows);
-        at::mm_out(num_den, qc.head(h, unit.rows),
-                   matrix(szp + (unit.batch * heads + h) * dk * (dv + 1), dk, dv + 1));
-      }
-      for (int64_t i = 0; i < unit.rows; ++i) {
+      chunks.for_each_chunk(u, [&](const Chunks::Unit& unit, bool) {
+        gather_queries<F>(q, heads, unit, qc, tmp);
         for (int64_t h = 0; h < heads; ++h) {
-          const acc_t* row = oc.row(h, i);
-          const acc_t inv_den = acc_t(1) / (row[dv] + eps);
-          scalar_t* dst = o.row(unit.batch, unit.first_token + i, h);
-          for (int64_t j = 0; j < dv; ++j) dst[j] = static_cast<scalar_t>(row[j] * inv_den);
+          auto num_den = oc.head(h, unit.rows);
+          at::mm_out(num_den, qc.head(h, unit.rows),
+                     matrix(szp + (unit.batch * heads + h) * dk * (dv + 1), dk, dv + 1));
         }
-      }
+        for (int64_t i = 0; i < unit.rows; ++i) {
+          for (int64_t h = 0; h < heads; ++h) {
+            const acc_t* row = oc.row(h, i);
+            const acc_t inv_den = acc_t(1) / (row[dv] + eps);
+            scalar_t* dst = o.row(unit.batch, unit.first_token + i, h);
+            for (int64_t j = 0; j < dv; ++j) dst[j] = static_cast<scalar_t>(row[j] * inv_den);
+          }
+        }
+      });
     }
   });
 }
@@ -420,55 +448,56 @@ void apply_backward(ApplyBackwardArgs& a) {
   const auto go = token_rows(a.grad_out.const_data_ptr<scalar_t>(), a.grad_out, dv);
   const auto gq = token_rows(a.grad_q.data_ptr<scalar_t>(), a.grad_q, dk);
   const acc_t eps = static_cast<acc_t>(a.eps);
-  // partial (B, chunks, H, Dk, Dv+1): phi(Q)^T G of each unit and head.
-  auto partial = at::empty({d.batch * chunks.count * heads, dk, dv + 1}, a.state.options());
+  // partial (B, groups, H, Dk, Dv+1): phi(Q)^T G of each unit and head.
+  auto partial = at::empty({chunks.units(d.batch) * heads, dk, dv + 1}, a.state.options());
   acc_t* parts = partial.data_ptr<acc_t>();
-  at::parallel_for(0, d.batch * chunks.count, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks.units(d.batch), 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> qc(heads, chunks.size, dk), dqc(heads, chunks.size, dk);
     Scratch<acc_t> tmp(heads, chunks.size, dk);
     Scratch<acc_t> oc(heads, chunks.size, dv + 1);  // [numerator | denominator - eps]
     Scratch<acc_t> gc(heads, chunks.size, dv + 1);  // g
     for (int64_t u = begin; u < end; ++u) {
-      const auto unit = chunks[u];
-      gather_queries<F>(q, heads, unit, qc, tmp);
-      for (int64_t h = 0; h < heads; ++h) {
-        auto num_den = oc.head(h, unit.rows);
-        at::mm_out(num_den, qc.head(h, unit.rows),
-                   matrix(szp + (unit.batch * heads + h) * dk * (dv + 1), dk, dv + 1));
-      }
-      for (int64_t i = 0; i < unit.rows; ++i) {
+      chunks.for_each_chunk(u, [&](const Chunks::Unit& unit, bool first) {
+        gather_queries<F>(q, heads, unit, qc, tmp);
         for (int64_t h = 0; h < heads; ++h) {
-          const acc_t* row = oc.row(h, i);
-          const acc_t inv_den = acc_t(1) / (row[dv] + eps);
-          const scalar_t* grad = go.row(unit.batch, unit.first_token + i, h);
-          acc_t* g = gc.row(h, i);
-          acc_t o_dot_grad = 0;
-          for (int64_t j = 0; j < dv; ++j) {
-            const acc_t grad_j = static_cast<acc_t>(grad[j]);
-            o_dot_grad += row[j] * grad_j;
-            g[j] = grad_j * inv_den;
+          auto num_den = oc.head(h, unit.rows);
+          at::mm_out(num_den, qc.head(h, unit.rows),
+                     matrix(szp + (unit.batch * heads + h) * dk * (dv + 1), dk, dv + 1));
+        }
+        for (int64_t i = 0; i < unit.rows; ++i) {
+          for (int64_t h = 0; h < heads; ++h) {
+            const acc_t* row = oc.row(h, i);
+            const acc_t inv_den = acc_t(1) / (row[dv] + eps);
+            const scalar_t* grad = go.row(unit.batch, unit.first_token + i, h);
+            acc_t* g = gc.row(h, i);
+            acc_t o_dot_grad = 0;
+            for (int64_t j = 0; j < dv; ++j) {
+              const acc_t grad_j = static_cast<acc_t>(grad[j]);
+              o_dot_grad += row[j] * grad_j;
+              g[j] = grad_j * inv_den;
+            }
+            g[dv] = -o_dot_grad * inv_den * inv_den;
           }
-          g[dv] = -o_dot_grad * inv_den * inv_den;
         }
-      }
-      for (int64_t h = 0; h < heads; ++h) {
-        const auto szh = matrix(szp + (unit.batch * heads + h) * dk * (dv + 1), dk, dv + 1);
-        const auto g = gc.head(h, unit.rows);
-        auto dq_out = dqc.head(h, unit.rows);
-        auto part = matrix(parts + (u * heads + h) * dk * (dv + 1), dk, dv + 1);
-        at::mm_out(dq_out, g, szh.t());
-        at::mm_out(part, qc.head(h, unit.rows).t(), g);
-      }
-      apply_feature_map_grad<F>(dqc.first_rows(unit.rows), qc.first_rows(unit.rows),
-                                tmp.first_rows(unit.rows));
-      for (int64_t i = 0; i < unit.rows; ++i) {
         for (int64_t h = 0; h < heads; ++h) {
-          store(dqc.row(h, i), gq.row(unit.batch, unit.first_token + i, h), dk);
+          const auto szh = matrix(szp + (unit.batch * heads + h) * dk * (dv + 1), dk, dv + 1);
+          const auto g = gc.head(h, unit.rows);
+          auto dq_out = dqc.head(h, unit.rows);
+          auto part = matrix(parts + (u * heads + h) * dk * (dv + 1), dk, dv + 1);
+          at::mm_out(dq_out, g, szh.t());
+          accumulate_product(part, qc.head(h, unit.rows).t(), g, first);
         }
-      }
+        apply_feature_map_grad<F>(dqc.first_rows(unit.rows), qc.first_rows(unit.rows),
+                                  tmp.first_rows(unit.rows));
+        for (int64_t i = 0; i < unit.rows; ++i) {
+          for (int64_t h = 0; h < heads; ++h) {
+            store(dqc.row(h, i), gq.row(unit.batch, unit.first_token + i, h), dk);
+          }
+        }
+      });
     }
   });
-  reduce_chunks<acc_t>(partial, chunks.count, std::vector<acc_t>(d.batch, acc_t(1)),
+  reduce_groups<acc_t>(partial, chunks.groups, std::vector<acc_t>(d.batch, acc_t(1)),
                        a.grad_state, a.grad_key_mean);
 }
 
