@@ -86,7 +86,7 @@ def sample_inputs(device, dtype) -> Iterator[Sample]:
 
 
 def _leaf(t, dtype=None):
-    """A leaf copy that keeps t's strides (detach is a view), optionally cast."""
+    """A leaf that requires grad: a view of t with its strides (detach), or a copy cast to dtype."""
     t = t.detach() if dtype is None else t.detach().to(dtype)
     return t.requires_grad_()
 
