@@ -330,6 +330,21 @@ def test_backward_saves_only_inputs_and_state(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_fused_qkv_slices_read_in_place(device):
+    """Slices of a fused qkv projection (row stride 3*C) reach the kernels without any copy,
+    forward and backward."""
+    qkv = torch.randn(2, 300, 3 * 5 * 16, device=device, requires_grad=True)
+    q, k, v = qkv.chunk(3, dim=-1)
+    mask = torch.rand(2, 300, device=device) > 0.2
+    with torch.profiler.profile() as prof:
+        out = linfusion_ops.linear_attention(q, k, v, 5, key_padding_mask=mask)
+        out.backward(torch.ones_like(out))
+    names = {event.name for event in prof.events()}
+    assert "linfusion_ops::linear_attention_state" in names
+    assert not names & {"aten::contiguous", "aten::clone", "aten::copy_", "aten::to", "aten::_to_copy"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("b,n,heads,d", [(2, 4097, 8, 40), (1, 300, 1, 160)])
 def test_deterministic_across_runs_and_threads(device, b, n, heads, d):
     """Bitwise-equal outputs and gradients across runs and thread counts (partial sums over token
