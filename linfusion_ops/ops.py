@@ -45,22 +45,28 @@ if compiled():
         dk = _check_heads(k, heads, "k")
         dv = _check_heads(v, heads, "v")
         torch._check(k.shape[:2] == v.shape[:2], lambda: "linfusion_ops: k and v must share (B, N)")
+        # A meta tensor mixed with a real one dispatches here, not to the real kernel's checks.
+        torch._check(k.device == v.device,
+                     lambda: f"linfusion_ops: k and v must be on the same device, got {k.device} and {v.device}")
         acc = _acc_dtype(k.dtype)
         b = k.shape[0]
         return k.new_empty((b, heads, dk, dv), dtype=acc), k.new_empty((b, heads, dk), dtype=acc)
 
+    # The kernels write gradients contiguous (token-major), whatever the inputs' strides.
     @torch.library.register_fake("linfusion_ops::linear_attention_state_backward")
     def _(grad_state, grad_key_mean, k, v, heads, feature_map, key_padding_mask):
-        return torch.empty_like(k), torch.empty_like(v)
+        return k.new_empty(k.shape), v.new_empty(v.shape)
 
     @torch.library.register_fake("linfusion_ops::linear_attention_apply")
     def _(q, state, key_mean, heads, feature_map, eps):
         _check_heads(q, heads, "q")
+        torch._check(q.device == state.device,
+                     lambda: f"linfusion_ops: q and state must be on the same device, got {q.device} and {state.device}")
         return q.new_empty((q.shape[0], q.shape[1], heads * state.shape[3]))
 
     @torch.library.register_fake("linfusion_ops::linear_attention_apply_backward")
     def _(grad_out, q, state, key_mean, heads, feature_map, eps):
-        return torch.empty_like(q), torch.empty_like(state), torch.empty_like(key_mean)
+        return q.new_empty(q.shape), state.new_empty(state.shape), key_mean.new_empty(key_mean.shape)
 
     @torch.library.register_fake("linfusion_ops::layer_norm_leaky_relu")
     def _(x, weight, bias, eps, negative_slope):
@@ -252,6 +258,16 @@ def linear_attention(
         (B, Nq, H*Dv) in q's dtype. Differentiable in q, k and v; the backward keeps only the
         inputs and the fp32 state.
     """
+    # The two passes check k against v and q against the state; q against k is checked here.
+    # (Plain raises: torch._check's message closure may not capture tensors under torch.compile.)
+    if q.dtype != k.dtype:
+        raise RuntimeError(f"linfusion_ops: q and k must have the same dtype, got {q.dtype} and {k.dtype}")
+    if q.device != k.device:
+        raise RuntimeError(f"linfusion_ops: q and k must be on the same device, got {q.device} and {k.device}")
+    if q.dim() == 3 and k.dim() == 3 and q.shape[0] != k.shape[0]:
+        raise RuntimeError(
+            f"linfusion_ops: q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}"
+        )
     state, key_mean = linear_attention_state(
         k, v, heads, feature_map=feature_map, key_padding_mask=key_padding_mask
     )
