@@ -1050,6 +1050,59 @@ __global__ void __launch_bounds__(kTcApplyWarps* kWarpSize)
 #endif
 }
 
+// Turns the runtime padded head dim into a template constant: body.template operator()<DP>().
+template <typename Body>
+void dispatch_tc_dim(int dp, Body&& body) {
+  switch (dp) {
+    case 48:
+      return body.template operator()<48>();
+    case 64:
+      return body.template operator()<64>();
+    case 80:
+      return body.template operator()<80>();
+    case 128:
+      return body.template operator()<128>();
+    case 160:
+      return body.template operator()<160>();
+    default:
+      TORCH_CHECK(false, "linfusion_ops: no tensor-core kernel for padded head dim ", dp);
+  }
+}
+
+// The tensor-core kernels, for their dynamic shared-memory sizes.
+enum class TcKernel { kStatePartial, kApply, kApplyBackward, kStateBackward };
+
+template <int DP>
+constexpr size_t tc_smem_bytes(TcKernel kernel) {
+  switch (kernel) {
+    case TcKernel::kApply:
+      return TcApplyShape<DP>::kSmemBytes;
+    case TcKernel::kApplyBackward:
+      return TcApplyBackwardShape<DP>::kSmemBytes;
+    case TcKernel::kStateBackward:
+      return TcStateBackwardShape<DP>::kSmemBytes;
+    default:
+      return 0;  // static shared memory, below the 48 KiB every sm_80+ device allows
+  }
+}
+
+struct TcSmemBytes {
+  TcKernel kernel;
+  size_t& bytes;
+  template <int DP>
+  void operator()() const {
+    bytes = tc_smem_bytes<DP>(kernel);
+  }
+};
+
+// Dynamic shared memory of `kernel` at padded head dim dp. Above the device's opt-in limit
+// (227 KiB on sm_90, 163 KiB on sm_80, 99 KiB on sm_86 / sm_89) the host takes the generic path.
+inline size_t tc_smem_bytes(TcKernel kernel, int dp) {
+  size_t bytes = 0;
+  dispatch_tc_dim(dp, TcSmemBytes{kernel, bytes});
+  return bytes;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host launchers of the tensor-core kernels, one translation unit per dtype
 // (linear_attention_tc_fp16.cu, linear_attention_tc_bf16.cu). dp: 48, 64, 80, 128 or 160.
