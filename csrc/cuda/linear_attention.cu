@@ -106,7 +106,8 @@ TokenSplit split_tokens(int64_t tokens, int64_t blocks_per_range, int64_t tile,
                         int64_t min_tiles = 1) {
   const int64_t target = kBlocksPerSm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t tiles = (tokens + tile - 1) / tile;
-  const int64_t most = std::max<int64_t>((tiles + min_tiles - 1) / min_tiles, 1);
+  // Rounded down: ceil(tiles / wanted) >= tiles / most >= min_tiles whenever there are 2+ ranges.
+  const int64_t most = std::max<int64_t>(tiles / min_tiles, 1);
   const int64_t wanted =
       std::clamp<int64_t>((target + blocks_per_range - 1) / blocks_per_range, 1, most);
   const int64_t per_split = (tiles + wanted - 1) / wanted * tile;
