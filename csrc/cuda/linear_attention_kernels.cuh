@@ -632,7 +632,7 @@ __device__ inline int fp16_range_shift(const float* m, int count, unsigned* s_bi
   if (!(largest > 0.f) || isinf(largest)) return 0;
   int exponent;
   frexpf(largest, &exponent);  // largest in [2^(exponent - 1), 2^exponent)
-  return min(max(14 - exponent, -100), 100);
+  return min(max(14 - exponent, -126), 126);  // 2^-126 and 2^126: normal floats
 }
 
 // acc[i] += A^T B for the output tiles of this warp (tile = warp + i * NWARPS of the
