@@ -151,6 +151,29 @@ def test_fp16_large_magnitude_long_sequence():
     assert_close_lowp(out, ref_lowp, ref, floor=default_floor(torch.float16) * 8)
 
 
+@pytest.mark.parametrize("d", [40, 64])
+def test_fp16_state_backward_grad_state_beyond_fp16_range(d):
+    # grad_state is a sum over the queries, not a mean: about N / (2 D) per entry for
+    # grad_out = 1, beyond fp16's 65,504 at N = 4.2M and D = 40. The tensor-core state backward
+    # rounds dS to fp16 halves, so it must rescale it first; dk and dv themselves are in range.
+    heads = 2
+    _, k, v = make_qkv(2, 1, 1000, heads, d, d, torch.float16, seed=3)
+    g = torch.Generator(device=DEVICE).manual_seed(4)
+    grad_state = 1e5 * (1 + torch.rand(2, heads, d, d, generator=g, device=DEVICE))
+    grad_key_mean = torch.randn(2, heads, d, generator=g, device=DEVICE)
+    got = torch.ops.linfusion_ops.linear_attention_state_backward(
+        grad_state, grad_key_mean, k, v, heads, "elu", None
+    )
+    k64, v64 = (t.double().requires_grad_(True) for t in (k, v))
+    state, key_mean = reference.linear_attention_state(k64, v64, heads)
+    ((state * grad_state.double()).sum() + (key_mean * grad_key_mean.double()).sum()).backward()
+    for name, x, want in (("k", got[0], k64.grad), ("v", got[1], v64.grad)):
+        assert torch.isfinite(x).all(), f"grad_{name} is not finite"
+        # fp16 phi(k) and output rounding: 2^-11 each.
+        torch.testing.assert_close(x.double(), want, rtol=4e-3,
+                                   atol=1e-3 * want.abs().max().item())
+
+
 def test_fp64_is_supported():
     q, k, v = make_qkv(2, 50, 70, 2, 16, 16, torch.float64)
     out = linfusion_ops.linear_attention(q, k, v, 2)

@@ -2,10 +2,13 @@
 // path selection and registration. Kernels: linear_attention_kernels.cuh.
 //
 // Path selection: fp16 / bf16 with Dk == Dv <= 160 on sm_80+ run the tensor-core kernels for all
-// four ops (the apply backward fused: dq, dS and dz in one pass over q and grad_out); everything
-// else (fp32, fp64, Dk != Dv, head dims up to 256) runs the generic SIMT kernels, whose apply
-// backward keeps a (B*H, N, 2) scratch of per-token weights. Head dims above 256 are rejected. Every launch goes to the current stream with no host synchronisation;
-// scratch comes from the caching allocator, so the ops can be captured in CUDA graphs.
+// four ops (the apply backward fused: dq, dS and dz in one pass over q and grad_out), each op as
+// long as its kernel's shared memory fits the device (sm_86 / sm_89 allow 99 KiB per block, so
+// wide heads fall back there); everything else (fp32, fp64, Dk != Dv, head dims up to 256) runs
+// the generic SIMT kernels, whose apply backward keeps a (B*H, N, 2) scratch of per-token
+// weights. Head dims above 256 are rejected. Every launch goes to the current stream with no host
+// synchronisation; scratch comes from the caching allocator, so the ops can be captured in CUDA
+// graphs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -43,13 +46,17 @@ void check_head_dims(const LinearAttentionDims& dims) {
               ", got Dk = ", dims.head_dim, " and Dv = ", dims.value_dim);
 }
 
-// Padded head dim of the tensor-core kernels, or 0 when they do not apply.
-int tensor_core_dim(at::ScalarType dtype, const LinearAttentionDims& dims) {
+// Padded head dim of the tensor-core kernel `kernel`, or 0 when it does not apply: other dtypes,
+// Dk != Dv, pre-sm_80 devices, or more shared memory than the device lets one block use.
+int tensor_core_dim(at::ScalarType dtype, const LinearAttentionDims& dims, TcKernel kernel) {
   if (dtype != at::kHalf && dtype != at::kBFloat16) return 0;
   if (dims.head_dim != dims.value_dim || dims.head_dim > 160) return 0;
-  if (at::cuda::getCurrentDeviceProperties()->major < 8) return 0;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  if (prop->major < 8) return 0;
   for (int dp : {48, 64, 80, 128, 160}) {
-    if (dims.head_dim <= dp) return dp;
+    if (dims.head_dim <= dp) {
+      return tc_smem_bytes(kernel, dp) <= prop->sharedMemPerBlockOptin ? dp : 0;
+    }
   }
   return 0;
 }
@@ -99,7 +106,8 @@ TokenSplit split_tokens(int64_t tokens, int64_t blocks_per_range, int64_t tile,
                         int64_t min_tiles = 1) {
   const int64_t target = kBlocksPerSm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t tiles = (tokens + tile - 1) / tile;
-  const int64_t most = std::max<int64_t>((tiles + min_tiles - 1) / min_tiles, 1);
+  // Rounded down: ceil(tiles / wanted) >= tiles / most >= min_tiles whenever there are 2+ ranges.
+  const int64_t most = std::max<int64_t>(tiles / min_tiles, 1);
   const int64_t wanted =
       std::clamp<int64_t>((target + blocks_per_range - 1) / blocks_per_range, 1, most);
   const int64_t per_split = (tiles + wanted - 1) / wanted * tile;
@@ -338,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_state_cuda(
   if (state.numel() == 0 && key_mean.numel() == 0) return {state, key_mean};
   if (dims.tokens == 0) return {state.zero_(), key_mean.zero_()};
   const at::Tensor kept = kept_counts(key_padding_mask);
-  const int tc_dim = tensor_core_dim(k.scalar_type(), dims);
+  const int tc_dim = tensor_core_dim(k.scalar_type(), dims, TcKernel::kStatePartial);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   LINFUSION_DISPATCH_FLOATING_CUDA(k.scalar_type(), "linear_attention_state_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
@@ -375,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_state_backward_cuda(
   at::Tensor grad_v = at::empty(v.sizes(), v.options());
   if (grad_k.numel() == 0 && grad_v.numel() == 0) return {grad_k, grad_v};
   const at::Tensor kept = kept_counts(key_padding_mask);
-  const int tc_dim = tensor_core_dim(k.scalar_type(), dims);
+  const int tc_dim = tensor_core_dim(k.scalar_type(), dims, TcKernel::kStateBackward);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   LINFUSION_DISPATCH_FLOATING_CUDA(k.scalar_type(), "linear_attention_state_backward_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
@@ -413,7 +421,7 @@ at::Tensor linear_attention_apply_cuda(const at::Tensor& q, const at::Tensor& st
   const at::Tensor st = state.contiguous(), km = key_mean.contiguous();
   at::Tensor out = at::empty({dims.batch, dims.tokens, heads * dims.value_dim}, q.options());
   if (out.numel() == 0) return out;
-  const int tc_dim = tensor_core_dim(q.scalar_type(), dims);
+  const int tc_dim = tensor_core_dim(q.scalar_type(), dims, TcKernel::kApply);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   LINFUSION_DISPATCH_FLOATING_CUDA(q.scalar_type(), "linear_attention_apply_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
@@ -451,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_apply_backward_c
     return {grad_q.zero_(), grad_state, grad_key_mean};
   }
   if (dims.tokens == 0) return {grad_q, grad_state.zero_(), grad_key_mean.zero_()};
-  const int tc_dim = tensor_core_dim(q.scalar_type(), dims);
+  const int tc_dim = tensor_core_dim(q.scalar_type(), dims, TcKernel::kApplyBackward);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   LINFUSION_DISPATCH_FLOATING_CUDA(q.scalar_type(), "linear_attention_apply_backward_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;

@@ -596,20 +596,43 @@ __device__ inline void gemm_hi_lo_to_smem(const T* a, const T* b_hi, const T* b_
 }
 
 // Loads an fp32 (d x d) matrix, row-major and contiguous, into hi / lo halves (DP x COLS, ld LD)
-// with value = hi + lo; with a non-null column (d,) it goes to column DP (COLS >= DP + 16), the
-// key mean next to the state. Everything else is zero.
+// with value * 2^shift = hi + lo; with a non-null column (d,) it goes to column DP
+// (COLS >= DP + 16), the key mean next to the state. Everything else is zero.
 template <int DP, int COLS, int LD, typename T>
-__device__ inline void split_hi_lo(T* hi, T* lo, const float* matrix, const float* column, int d) {
+__device__ inline void split_hi_lo(T* hi, T* lo, const float* matrix, const float* column, int d,
+                                   int shift = 0) {
   static_assert(COLS >= DP && LD >= COLS, "rows hold the columns");
+  const float scale = ldexpf(1.f, shift);  // a power of two: exact
   for (int idx = threadIdx.x; idx < DP * COLS; idx += blockDim.x) {
     const int r = idx / COLS, c = idx % COLS;
     float value = 0.f;
-    if (r < d && c < d) value = matrix[r * d + c];
-    if (column != nullptr && r < d && c == DP) value = column[r];
+    if (r < d && c < d) value = matrix[r * d + c] * scale;
+    if (column != nullptr && r < d && c == DP) value = column[r] * scale;
     const T high = from_float<T>(value);
     hi[r * LD + c] = high;
     lo[r * LD + c] = from_float<T>(value - to_float(high));
   }
+}
+
+// Exponent e such that 2^e times the largest |m[i]| (count entries) lies in [2^13, 2^14): an
+// exact rescaling before split_hi_lo that keeps a matrix whose entries grow with the number of
+// tokens (dS, a sum over the queries: ~N / (2 D) for grad_out = 1) inside fp16's range (65,504)
+// and its entries away from fp16's subnormals. 0 for a zero or non-finite matrix (a NaN or inf
+// then reaches the output, as it should). Called by the whole block; s_bits: one shared word.
+__device__ inline int fp16_range_shift(const float* m, int count, unsigned* s_bits) {
+  if (threadIdx.x == 0) *s_bits = 0u;
+  __syncthreads();
+  unsigned bits = 0u;  // non-negative floats order like their bit patterns (NaN above inf)
+  for (int i = threadIdx.x; i < count; i += blockDim.x) {
+    bits = max(bits, __float_as_uint(fabsf(m[i])));
+  }
+  atomicMax(s_bits, bits);  // a maximum: the same whatever the order
+  __syncthreads();
+  const float largest = __uint_as_float(*s_bits);
+  if (!(largest > 0.f) || isinf(largest)) return 0;
+  int exponent;
+  frexpf(largest, &exponent);  // largest in [2^(exponent - 1), 2^exponent)
+  return min(max(14 - exponent, -126), 126);  // 2^-126 and 2^126: normal floats
 }
 
 // acc[i] += A^T B for the output tiles of this warp (tile = warp + i * NWARPS of the
@@ -958,14 +981,16 @@ __global__ void __launch_bounds__(kTcBackwardWarps* kWarpSize)
 #endif
 }
 
-// State backward with tensor cores, per key tile: with dS (hi / lo) in shared memory,
+// State backward with tensor cores, per key tile: with dS (hi / lo, rescaled) in shared memory,
 // dk = phi'(k) keep (V dS^T + dz) / n and dv = keep (phi(K) dS) / n. 4 warps;
 // grid.x = (batch * heads) * splits.
 template <int DP>
 struct TcStateBackwardShape : TcTokenShape<DP, DP> {
   using Base = TcTokenShape<DP, DP>;
+  // + s_w (kTokens), s_dz (DP) and one word for fp16_range_shift.
   static constexpr size_t kSmemBytes = 2 * Base::kHalfBytes + 2 * Base::kTileBytes +
-                                       Base::kProductBytes + (Base::kTokens + DP) * sizeof(float);
+                                       Base::kProductBytes +
+                                       (Base::kTokens + DP + 1) * sizeof(float);
 };
 
 template <typename scalar_t, FeatureMap F, int DP>
@@ -991,6 +1016,7 @@ __global__ void __launch_bounds__(kTcApplyWarps* kWarpSize)
   cursor += Shape::kProductBytes;
   float* s_w = reinterpret_cast<float*>(cursor);  // TOK: keep_t / n
   float* s_dz = s_w + TOK;                        // DP: grad_key_mean, fp32
+  unsigned* s_max_bits = reinterpret_cast<unsigned*>(s_dz + DP);  // fp16_range_shift's word
 
   const BlockCoords coords = split_block_index(args.split.count);
   const int64_t bh = coords.outer, s = coords.inner;
@@ -1001,8 +1027,12 @@ __global__ void __launch_bounds__(kTcApplyWarps* kWarpSize)
   T* grad_k = reinterpret_cast<T*>(args.out_x);
   T* grad_v = reinterpret_cast<T*>(args.out_y);
   const float inv_n = inverse_kept<float>(args.kept, b, args.tokens);
+  // dS is not divided by n (that happens per key, in fp32): rescaled by 2^shift so that fp16
+  // holds it; the products are scaled back by 2^-shift, exactly.
+  const int shift = fp16_range_shift(args.matrix + bh * d * d, d * d, s_max_bits);
   split_hi_lo<DP, DP, Shape::kLdS>(s_hi, s_lo, args.matrix + bh * d * d,
-                                   static_cast<const float*>(nullptr), d);
+                                   static_cast<const float*>(nullptr), d, shift);
+  const float unscale = ldexpf(1.f, -shift);
   for (int i = threadIdx.x; i < DP; i += blockDim.x) s_dz[i] = i < d ? args.vec[bh * d + i] : 0.f;
 
   const int64_t begin = args.split.begin(s), end = args.split.end(s);
@@ -1030,7 +1060,8 @@ __global__ void __launch_bounds__(kTcApplyWarps* kWarpSize)
       float grad = 0.f;
       if (s_w[t] != 0.f) {
         const float xk = to_float(k[args.x_layout.offset(b, n, h) + c]);
-        grad = (s_p[t * LDP + c] + s_dz[c]) * s_w[t] * feature_map_grad<F, float>(xk);
+        grad = (s_p[t * LDP + c] * unscale + s_dz[c]) * s_w[t] *
+               feature_map_grad<F, float>(xk);
       }
       grad_k[args.out_x_layout.offset(b, n, h) + c] = from_float<T>(grad);
     }
@@ -1042,12 +1073,65 @@ __global__ void __launch_bounds__(kTcApplyWarps* kWarpSize)
       const int t = idx / DP, c = idx % DP;
       const int64_t n = n0 + t;
       if (n >= end || c >= d) continue;
-      // Explicit zero for removed keys: 0 * an infinite dS (fp16 overflow) would be NaN.
-      const float grad = s_w[t] != 0.f ? s_p[t * LDP + c] * s_w[t] : 0.f;
+      // Explicit zero for removed keys: 0 * an infinite product would be NaN.
+      const float grad = s_w[t] != 0.f ? s_p[t * LDP + c] * unscale * s_w[t] : 0.f;
       grad_v[args.out_y_layout.offset(b, n, h) + c] = from_float<T>(grad);
     }
   }
 #endif
+}
+
+// Turns the runtime padded head dim into a template constant: body.template operator()<DP>().
+template <typename Body>
+void dispatch_tc_dim(int dp, Body&& body) {
+  switch (dp) {
+    case 48:
+      return body.template operator()<48>();
+    case 64:
+      return body.template operator()<64>();
+    case 80:
+      return body.template operator()<80>();
+    case 128:
+      return body.template operator()<128>();
+    case 160:
+      return body.template operator()<160>();
+    default:
+      TORCH_CHECK(false, "linfusion_ops: no tensor-core kernel for padded head dim ", dp);
+  }
+}
+
+// The tensor-core kernels, for their dynamic shared-memory sizes.
+enum class TcKernel { kStatePartial, kApply, kApplyBackward, kStateBackward };
+
+template <int DP>
+constexpr size_t tc_smem_bytes(TcKernel kernel) {
+  switch (kernel) {
+    case TcKernel::kApply:
+      return TcApplyShape<DP>::kSmemBytes;
+    case TcKernel::kApplyBackward:
+      return TcApplyBackwardShape<DP>::kSmemBytes;
+    case TcKernel::kStateBackward:
+      return TcStateBackwardShape<DP>::kSmemBytes;
+    default:
+      return 0;  // static shared memory, below the 48 KiB every sm_80+ device allows
+  }
+}
+
+struct TcSmemBytes {
+  TcKernel kernel;
+  size_t& bytes;
+  template <int DP>
+  void operator()() const {
+    bytes = tc_smem_bytes<DP>(kernel);
+  }
+};
+
+// Dynamic shared memory of `kernel` at padded head dim dp. Above the device's opt-in limit
+// (227 KiB on sm_90, 163 KiB on sm_80, 99 KiB on sm_86 / sm_89) the host takes the generic path.
+inline size_t tc_smem_bytes(TcKernel kernel, int dp) {
+  size_t bytes = 0;
+  dispatch_tc_dim(dp, TcSmemBytes{kernel, bytes});
+  return bytes;
 }
 
 // ---------------------------------------------------------------------------------------------

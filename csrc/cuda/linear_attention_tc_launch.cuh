@@ -12,25 +12,6 @@
 namespace linfusion_ops {
 namespace la_cuda {
 
-// Turns the runtime padded head dim into a template constant: body.template operator()<DP>().
-template <typename Body>
-void dispatch_tc_dim(int dp, Body&& body) {
-  switch (dp) {
-    case 48:
-      return body.template operator()<48>();
-    case 64:
-      return body.template operator()<64>();
-    case 80:
-      return body.template operator()<80>();
-    case 128:
-      return body.template operator()<128>();
-    case 160:
-      return body.template operator()<160>();
-    default:
-      TORCH_CHECK(false, "linfusion_ops: no tensor-core kernel for padded head dim ", dp);
-  }
-}
-
 // Launches kernel on (batch * heads) * splits blocks with `smem_bytes` of dynamic shared memory.
 // Above the 48 KiB default a kernel must opt in: a function attribute, no stream work, so it is
 // allowed while a CUDA graph is being captured.
