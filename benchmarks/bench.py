@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import linfusion_ops  # noqa: E402
 from linfusion_ops import reference  # noqa: E402
-from benchmarks.common import peak_memory_mb, time_ms  # noqa: E402
+from benchmarks.common import git_commit, peak_memory_mb, time_ms  # noqa: E402
 
 BATCH = 2
 TOKENS = (4096, 16384, 65536)
@@ -69,6 +69,7 @@ def run(args):
     info = linfusion_ops.build_info()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     header = {
+        "commit": git_commit(),
         "device": device_name,
         "device_type": device.type,
         "threads": torch.get_num_threads(),
@@ -143,6 +144,7 @@ def plot(results, path, header):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib is not installed: no plot")
         return False
@@ -155,6 +157,9 @@ def plot(results, path, header):
             if pts:
                 ax.plot(*zip(*pts), style, label=impl)
         ax.set(xscale="log", yscale="log", title=f"{p}, H={h}, D={d}", xlabel="tokens N")
+        tokens = sorted({r["N"] for r in results})
+        ax.set_xticks(tokens, [f"{n // 1024}K" if n >= 1024 else str(n) for n in tokens])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("median time (ms)")
     axes[0].legend()

@@ -21,7 +21,6 @@ import datetime
 import importlib
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,21 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import peak_memory_mb, time_ms  # noqa: E402
+from benchmarks.common import git_commit, peak_memory_mb, time_ms  # noqa: E402
 
 CASE_MODULES = ("benchmarks.gpu_cases_linear_attention", "benchmarks.gpu_cases_norm_merge")
 COPY_BYTES = 1 << 30  # 1 GiB source buffer: far beyond L2
 NON_SHAPE_KEYS = ("op", "pass", "impl", "dtype", "ms", "gbps", "bw_fraction", "peak_mb", "extra_mb")
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def copy_gbps(device) -> float:

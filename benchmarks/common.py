@@ -1,7 +1,9 @@
 """Timing and memory helpers shared by the benchmarks."""
 
 import statistics
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 
@@ -57,3 +59,17 @@ def peak_memory_mb(fn, device) -> float:
         current += event.self_cpu_memory_usage
         peak = max(peak, current)
     return peak / 2**20
+
+
+def git_commit() -> str:
+    """The short commit of the checkout being measured, "-dirty" when tracked files changed, or
+    "unknown" outside git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        run = lambda *args: subprocess.run(  # noqa: E731
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        sha = run("rev-parse", "--short", "HEAD")
+        dirty = run("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
