@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from . import reference
+from .kernel_mlp import apply_kernel_mlp
 from .ops import _check_feature_map, _check_heads, linear_attention_apply, linear_attention_state
 
 __all__ = ["linear_attention", "token_slice", "SequenceParallelLinFusionAttnProcessor"]
@@ -333,10 +334,8 @@ class SequenceParallelLinFusionAttnProcessor:
                 "over all tokens and are not supported"
             )
         residual = hidden_states
-        to_q_ = getattr(attn, "to_q_", None)
-        to_k_ = getattr(attn, "to_k_", None)
-        query = attn.to_q(hidden_states if to_q_ is None else hidden_states + to_q_(hidden_states))
-        key = attn.to_k(hidden_states if to_k_ is None else hidden_states + to_k_(hidden_states))
+        query = attn.to_q(apply_kernel_mlp(getattr(attn, "to_q_", None), hidden_states))
+        key = attn.to_k(apply_kernel_mlp(getattr(attn, "to_k_", None), hidden_states))
         value = attn.to_v(hidden_states)
 
         out = linear_attention(
