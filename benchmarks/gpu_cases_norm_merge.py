@@ -99,8 +99,9 @@ def _merge_cases(device) -> Iterator[Case]:
             fwd_bytes = (filled + MERGE_PROMPTS * tokens + 1) * c * elem + keep.numel() + 8 * (
                 segments + MERGE_PROMPTS)
             # Backward: grad_merged read, grad_embeds written (zeros for dropped tokens), grad_pad
-            # written.
-            bwd_bytes = (MERGE_PROMPTS * tokens + segments * length + 1) * c * elem
+            # written, keep and segment ids read (they place every slot's gradient).
+            bwd_bytes = ((MERGE_PROMPTS * tokens + segments * length + 1) * c * elem
+                         + keep.numel() + 8 * segments)
             shape = {"op": "merge_segments", "prompts": MERGE_PROMPTS, "segments": MERGE_SEGMENTS,
                      "L": MERGE_LENGTH, "C": c, "T": tokens, "dtype": DTYPE_NAME}
             grad = torch.randn(MERGE_PROMPTS, tokens, c, device=device, dtype=DTYPE)

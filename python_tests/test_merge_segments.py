@@ -201,6 +201,20 @@ def test_pad_gradient_is_deterministic(device):
             assert torch.equal(got, first)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_without_slots(device):
+    """grad_merged with T = 0 (no slot to take a gradient from): every gradient is zero, and a
+    (C,) pad's gradient is the empty sum, zeros, not uninitialised memory."""
+    keep = torch.ones(3, 4, dtype=torch.bool, device=device)
+    ids = torch.tensor([0, 1, 0], device=device)
+    lengths = torch.zeros(2, dtype=torch.int64, device=device)
+    grad_merged = torch.empty(2, 0, 8, device=device)
+    for pad_per_slot, pad_shape in ((False, (8,)), (True, (0, 8))):
+        grad_embeds, grad_pad = BACKWARD_OP(grad_merged, keep, ids, lengths, pad_per_slot)
+        assert torch.equal(grad_embeds, torch.zeros(3, 4, 8, device=device))
+        assert torch.equal(grad_pad, torch.zeros(pad_shape, device=device))
+
+
 def _bad_inputs(device):
     embeds, keep, ids, num_prompts, max_tokens, pad = _make(
         4, 6, 8, [0, 1, 0, 1], 2, 10, device, torch.float32, 60)

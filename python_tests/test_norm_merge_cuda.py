@@ -55,8 +55,8 @@ def norm_sample_inputs(dtype):
     """(x, weight, bias) covering both kernel paths: the register path (C a multiple of the
     16-byte vector, C <= 2048) with every row-group width, and the generic path (odd C, C > 2048,
     misaligned rows, fp64)."""
-    shapes = [(5, 1), (7, 33), (64, 40), (3, 11, 80), (300, 320), (130, 640), (33, 768),
-              (17, 1280), (9, 2048), (4, 2056)]
+    shapes = [(5, 1), (7, 33), (64, 40), (3, 11, 80), (21, 200), (300, 320), (130, 640),
+              (33, 768), (17, 1280), (9, 2048), (4, 2056)]
     for i, shape in enumerate(shapes):
         yield _norm_inputs(shape, dtype, seed=i)
 
@@ -317,15 +317,17 @@ def test_merge_opcheck():
 
 
 def test_merge_out_of_range_segment_id_asserts():
-    """An id >= num_prompts trips the device-side assert (run in a child: it poisons the
-    CUDA context)."""
+    """An id >= num_prompts trips the op's device-side assert (run in a child: it poisons the
+    CUDA context). The op is called directly: the public function checks the ids on the host
+    first and would raise before the kernel runs."""
     code = textwrap.dedent(
         """
         import torch, linfusion_ops
         embeds = torch.randn(3, 4, 8, device="cuda")
         keep = torch.ones(3, 4, dtype=torch.bool, device="cuda")
         ids = torch.tensor([0, 5, 1], device="cuda")
-        merged, lengths = linfusion_ops.merge_segments(embeds, keep, ids, 2, 6, torch.zeros(8, device="cuda"))
+        merged, lengths = torch.ops.linfusion_ops.merge_segments(
+            embeds, keep, ids, 2, 6, torch.zeros(8, device="cuda"))
         torch.cuda.synchronize()
         """
     )

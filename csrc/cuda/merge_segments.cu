@@ -383,7 +383,8 @@ std::tuple<at::Tensor, at::Tensor> merge_segments_backward_cuda(const at::Tensor
   }
 
   const int64_t slot_elems = dims.tokens * dims.channels;
-  if (slot_elems == 0) return {grad_embeds, grad_pad};
+  // No slots (T = 0): a (C,) pad still gets its (empty) sum, zeros, as on CPU.
+  if (slot_elems == 0) return {grad_embeds, grad_pad.zero_()};
   const int64_t pad_blocks = copy_blocks((slot_elems + kWarpSize - 1) / kWarpSize);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_merged.scalar_type(),
                                   "merge_segments_backward_cuda", [&] {
