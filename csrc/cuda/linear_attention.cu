@@ -309,6 +309,24 @@ void launch_apply_backward(TokenArgs<scalar_t, acc_t>& args, FeatureMap feature_
   reduce_partials<acc_t>(p, grad_state, grad_key_mean, nullptr, false, stream);
 }
 
+// The fields every per-token launch shares: the token-major input x (q, or k in the state
+// backward), the (B, H, Dk, Dv) matrix and (B, H, Dk) vector it is combined with, and the shape.
+template <typename scalar_t, typename acc_t>
+TokenArgs<scalar_t, acc_t> token_args(const at::Tensor& x, const at::Tensor& matrix,
+                                      const at::Tensor& vec, const LinearAttentionDims& dims) {
+  TokenArgs<scalar_t, acc_t> args{};
+  args.x = x.data_ptr<scalar_t>();
+  args.x_layout = token_major_layout(x, dims.head_dim);
+  args.matrix = matrix.data_ptr<acc_t>();
+  args.vec = vec.data_ptr<acc_t>();
+  args.tokens = dims.tokens;
+  args.batch_heads = dims.batch * dims.heads;
+  args.heads = dims.heads;
+  args.dk = static_cast<int>(dims.head_dim);
+  args.dv = static_cast<int>(dims.value_dim);
+  return args;
+}
+
 // Backward of pass 1: grad_k and grad_v (into args.out_x, args.out_y).
 template <typename scalar_t, typename acc_t>
 void launch_state_backward(TokenArgs<scalar_t, acc_t>& args, FeatureMap feature_map, int tc_dim,
@@ -387,24 +405,15 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_state_backward_cuda(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   LINFUSION_DISPATCH_FLOATING_CUDA(k.scalar_type(), "linear_attention_state_backward_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    TokenArgs<scalar_t, acc_t> args{};
-    args.x = kc.data_ptr<scalar_t>();
-    args.x_layout = token_major_layout(kc, dims.head_dim);
+    auto args = token_args<scalar_t, acc_t>(kc, gs, gz, dims);
     args.y = vc.data_ptr<scalar_t>();
     args.y_layout = token_major_layout(vc, dims.value_dim);
-    args.matrix = gs.data_ptr<acc_t>();
-    args.vec = gz.data_ptr<acc_t>();
     args.out_x = grad_k.data_ptr<scalar_t>();
     args.out_x_layout = token_major_layout(grad_k, dims.head_dim);
     args.out_y = grad_v.data_ptr<scalar_t>();
     args.out_y_layout = token_major_layout(grad_v, dims.value_dim);
     args.mask = key_mask(key_padding_mask);
     args.kept = kept_ptr(kept);
-    args.tokens = dims.tokens;
-    args.batch_heads = dims.batch * heads;
-    args.heads = heads;
-    args.dk = static_cast<int>(dims.head_dim);
-    args.dv = static_cast<int>(dims.value_dim);
     launch_state_backward<scalar_t, acc_t>(args, fm, tc_dim, kc, vc, stream);
   });
   return {grad_k, grad_v};
@@ -425,18 +434,9 @@ at::Tensor linear_attention_apply_cuda(const at::Tensor& q, const at::Tensor& st
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   LINFUSION_DISPATCH_FLOATING_CUDA(q.scalar_type(), "linear_attention_apply_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    TokenArgs<scalar_t, acc_t> args{};
-    args.x = qc.data_ptr<scalar_t>();
-    args.x_layout = token_major_layout(qc, dims.head_dim);
-    args.matrix = st.data_ptr<acc_t>();
-    args.vec = km.data_ptr<acc_t>();
+    auto args = token_args<scalar_t, acc_t>(qc, st, km, dims);
     args.out_y = out.data_ptr<scalar_t>();
     args.out_y_layout = token_major_layout(out, dims.value_dim);
-    args.tokens = dims.tokens;
-    args.batch_heads = dims.batch * heads;
-    args.heads = heads;
-    args.dk = static_cast<int>(dims.head_dim);
-    args.dv = static_cast<int>(dims.value_dim);
     args.eps = static_cast<acc_t>(eps);
     launch_apply<scalar_t, acc_t>(args, fm, tc_dim, qc, out, stream);
   });
@@ -463,20 +463,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_apply_backward_c
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   LINFUSION_DISPATCH_FLOATING_CUDA(q.scalar_type(), "linear_attention_apply_backward_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    TokenArgs<scalar_t, acc_t> args{};
-    args.x = qc.data_ptr<scalar_t>();
-    args.x_layout = token_major_layout(qc, dims.head_dim);
+    auto args = token_args<scalar_t, acc_t>(qc, st, km, dims);
     args.y = goc.data_ptr<scalar_t>();
     args.y_layout = token_major_layout(goc, dims.value_dim);
-    args.matrix = st.data_ptr<acc_t>();
-    args.vec = km.data_ptr<acc_t>();
     args.out_x = grad_q.data_ptr<scalar_t>();
     args.out_x_layout = token_major_layout(grad_q, dims.head_dim);
-    args.tokens = dims.tokens;
-    args.batch_heads = dims.batch * heads;
-    args.heads = heads;
-    args.dk = static_cast<int>(dims.head_dim);
-    args.dv = static_cast<int>(dims.value_dim);
     args.eps = static_cast<acc_t>(eps);
     launch_apply_backward<scalar_t, acc_t>(args, fm, tc_dim, qc, goc, grad_state, grad_key_mean,
                                            stream);
