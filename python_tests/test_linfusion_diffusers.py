@@ -4,7 +4,6 @@ ControlNet and IP-Adapter. Offline, on tiny random models shaped like SD 1.5, SD
 
 import copy
 import json
-import string
 
 import pytest
 import torch
@@ -14,13 +13,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from diffusers import (  # noqa: E402
-    AutoencoderKL,
     ControlNetModel,
-    EulerDiscreteScheduler,
     StableDiffusionControlNetPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import (  # noqa: E402
     Attention,
@@ -30,106 +24,18 @@ from diffusers.models.attention_processor import (  # noqa: E402
     SlicedAttnProcessor,
 )
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import (  # noqa: E402
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-)
 
 import linfusion_ops  # noqa: E402
 from conftest import DEVICES, assert_close_lowp, default_floor  # noqa: E402
+from tiny_models import (  # noqa: E402
+    make_linfusion,
+    make_unet,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+    unet_inputs,
+)
 from linfusion_ops import LinFusion, LinFusionAttnProcessor  # noqa: E402
 from linfusion_ops.reference import official_linear_attention  # noqa: E402
-
-# SD 1.5 shape: 8 heads everywhere (diffusers' attention_head_dim=8 means 8 heads for SD 1.5),
-# attention on every level. Head dims 4 and 8 here (40, 80, 160 in the real model).
-SD15_UNET = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=1,
-    block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
-# SD 2.1 shape: heads growing with the width at a fixed head dim (64 in the real model, 16
-# here), linear projections in the transformer blocks, upcast attention.
-SD21_UNET = dict(
-    SD15_UNET,
-    attention_head_dim=(2, 4),
-    use_linear_projection=True,
-    upcast_attention=True,
-)
-# SD XL shape: no attention on the first level, 10 and 20 heads, two transformer layers on the
-# last level, text_time conditioning (pooled text embedding 16 + 6 time ids of 8 channels).
-XL_UNET = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=1,
-    block_out_channels=(16, 40, 80),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=(5, 10, 20),
-    transformer_layers_per_block=(1, 1, 2),
-    norm_num_groups=8,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=16 + 6 * 8,
-)
-XL_MID_DIM_SCALE = 16  # LinFusion-XL: projection_mid_dim = dim_n // 16
-
-
-def make_unet(kind, dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    config = {"sd15": SD15_UNET, "sd21": SD21_UNET, "xl": XL_UNET}[kind]
-    return UNet2DConditionModel(**config).to(dtype).eval()
-
-
-def unet_inputs(kind, dtype=torch.float32, device="cpu", seed=1):
-    g = torch.Generator().manual_seed(seed)
-    args = dict(
-        sample=torch.randn(2, 4, 8, 8, generator=g, dtype=dtype),
-        timestep=torch.tensor([10, 500]),
-        encoder_hidden_states=torch.randn(2, 7, 32, generator=g, dtype=dtype),
-    )
-    if kind == "xl":
-        args["added_cond_kwargs"] = dict(
-            text_embeds=torch.randn(2, 16, generator=g, dtype=dtype),
-            time_ids=torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2, dtype=dtype),
-        )
-    return {k: _to(v, device) for k, v in args.items()}
-
-
-def _to(value, device):
-    if isinstance(value, dict):
-        return {k: v.to(device) for k, v in value.items()}
-    return value.to(device)
-
-
-def make_linfusion(unet, mid=None, seed=2):
-    """A LinFusion for `unet` with random weights everywhere (LayerNorm affine included), so that
-    every parameter matters. mid: None, an int, -1, or "xl" (dim // 16)."""
-    config = LinFusion.get_default_config(
-        unet=unet, mid_dim_scale=XL_MID_DIM_SCALE if mid == "xl" else None
-    )
-    if mid not in (None, "xl"):
-        for entry in config["modules_list"]:
-            entry["projection_mid_dim"] = mid
-    torch.manual_seed(seed)
-    linfusion = LinFusion(**config).to(device=unet.device, dtype=unet.dtype)
-    with torch.no_grad():
-        for m in linfusion.modules():
-            if isinstance(m, nn.LayerNorm):  # default ones / zeros
-                m.weight.add_(0.2 * torch.randn_like(m.weight))
-                m.bias.add_(0.2 * torch.randn_like(m.bias))
-    return linfusion
-
 
 class OfficialLinFusionLayer(nn.Module):
     """The official GeneralizedLinearAttention.forward in plain PyTorch: unfused MLP as a
@@ -654,58 +560,6 @@ def test_ip_adapter_keeps_linfusion_on_self_attention():
 
 # ---------------------------------------------------------------------------------------------
 # Pipelines end to end.
-def write_tokenizer(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for ch in string.ascii_lowercase:
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=16)
-
-
-def text_config(hidden_size, **kwargs):
-    return CLIPTextConfig(
-        hidden_size=hidden_size,
-        intermediate_size=32,
-        num_attention_heads=2,
-        num_hidden_layers=2,
-        vocab_size=64,
-        max_position_embeddings=16,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        **kwargs,
-    )
-
-
-def tiny_vae():
-    torch.manual_seed(8)
-    return AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-    )
-
-
-def tiny_sd_pipeline(tok_dir, unet=None):
-    torch.manual_seed(9)
-    return StableDiffusionPipeline(
-        vae=tiny_vae(),
-        text_encoder=CLIPTextModel(text_config(32)),
-        tokenizer=write_tokenizer(tok_dir),
-        unet=unet if unet is not None else make_unet("sd15"),
-        scheduler=EulerDiscreteScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 def run_pipe(pipe, **kwargs):
     return pipe(
         "a cat",
@@ -734,16 +588,7 @@ def test_sd_pipeline_end_to_end(tmp_path):
 def test_sdxl_pipeline_end_to_end(tmp_path):
     torch.manual_seed(10)
     unet = make_unet("xl")
-    pipe = StableDiffusionXLPipeline(
-        # SD XL concatenates both encoders' states: 16 + 16 = the UNet's cross_attention_dim.
-        vae=tiny_vae(),
-        text_encoder=CLIPTextModel(text_config(16)),
-        text_encoder_2=CLIPTextModelWithProjection(text_config(16, projection_dim=16)),
-        tokenizer=write_tokenizer(tmp_path / "t1"),
-        tokenizer_2=write_tokenizer(tmp_path / "t2"),
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(),
-    )
+    pipe = tiny_sdxl_pipeline(tmp_path, unet)
     linfusion = make_linfusion(unet, "xl")
     ref_unet = official_unet(unet, linfusion)
     linfusion.mount_to(pipe)

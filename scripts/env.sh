@@ -20,7 +20,7 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q --upgrade pip
   python -m pip install -q torch
 fi
-if ! python -c "import pytest, ninja, diffusers, transformers, tqdm, matplotlib, safetensors, peft" 2>/dev/null; then
+if ! python -c "import pytest, ninja, diffusers, transformers, tqdm, matplotlib, safetensors, peft, accelerate, datasets" 2>/dev/null; then
   echo "== installing dev requirements"
   python -m pip install -q -r "$ROOT/requirements-dev.txt"
 fi
