@@ -2,7 +2,8 @@
 LongAlign's segment-level text encoding, as PyTorch custom ops with autograd.
 
 The diffusers integration (LinFusion, LinFusionAttnProcessor), the long-prompt encoder
-(LongPromptEncoder) and linfusion_ops.distributed load on first use, so `import linfusion_ops`
+(LongPromptEncoder), linfusion_ops.distributed and linfusion_ops.training (LinFusion distillation)
+load on first use, so `import linfusion_ops`
 needs only torch.
 """
 
@@ -24,13 +25,16 @@ _LAZY = {
     "LinFusionAttnProcessor": "linfusion_ops.linfusion",
     "LongPromptEncoder": "linfusion_ops.long_prompt",
     "distributed": "linfusion_ops.distributed",
+    "training": "linfusion_ops.training",
+    "Attn1FeatureTap": "linfusion_ops.training",
+    "distillation_loss": "linfusion_ops.training",
 }
 
 
 def __getattr__(name):
     if name in _LAZY:
         module = importlib.import_module(_LAZY[name])
-        return module if name == "distributed" else getattr(module, name)
+        return module if _LAZY[name] == f"{__name__}.{name}" else getattr(module, name)
     raise AttributeError(f"module 'linfusion_ops' has no attribute {name!r}")
 
 
@@ -46,4 +50,7 @@ __all__ = [
     "LinFusionAttnProcessor",
     "LongPromptEncoder",
     "distributed",
+    "training",
+    "Attn1FeatureTap",
+    "distillation_loss",
 ]
