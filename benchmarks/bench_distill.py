@@ -110,6 +110,14 @@ def make_step(unet, linfusion, params, batch, teacher_pred, teacher_feats):
     return step, tap
 
 
+def compare(ours, official):
+    """The JSON fields of two `measure` results (wall ms, CPU ms, peak MiB) and their ratios."""
+    fields = {}
+    for i, (unit, ratio) in enumerate((("ms", "speedup"), ("cpu_ms", "cpu_time_speedup"), ("peak_mb", "memory_ratio"))):
+        fields.update({f"ours_{unit}": ours[i], f"official_{unit}": official[i], ratio: official[i] / ours[i]})
+    return fields
+
+
 def layer_step(module, tokens, batch, device):
     """Forward and backward of one attn1 module alone on (batch, tokens, C) image tokens."""
     g = torch.Generator().manual_seed(tokens)
@@ -225,21 +233,8 @@ def main():
             official = measure(step, args.repeat, args)
             tap.remove()
 
-        row = {
-            "resolution": res,
-            "latent_tokens": latent ** 2,
-            "teacher_forward_ms": teacher_ms,
-            "ours_ms": ours[0],
-            "official_ms": official[0],
-            "speedup": official[0] / ours[0],
-            "ours_cpu_ms": ours[1],
-            "official_cpu_ms": official[1],
-            "cpu_time_speedup": official[1] / ours[1],
-            "ours_peak_mb": ours[2],
-            "official_peak_mb": official[2],
-            "memory_ratio": official[2] / ours[2],
-            "max_abs_output_diff": diff,
-        }
+        row = {"resolution": res, "latent_tokens": latent ** 2, "teacher_forward_ms": teacher_ms,
+               **compare(ours, official), "max_abs_output_diff": diff}
         rows.append(row)
         print(f"{res:>5} {latent ** 2:>6} | {teacher_ms:>10.0f} | {ours[0]:>9.0f} {official[0]:>11.0f}"
               f" {row['speedup']:>6.2f}x {row['cpu_time_speedup']:>7.2f}x | {ours[2]:>8.0f} {official[2]:>12.0f}"
@@ -259,12 +254,7 @@ def main():
             layer_step(OfficialLinFusionAttention(linfusion.modules_dict[first]), tokens, args.batch, args.device),
             args.layer_repeat, args,
         )
-        row = {
-            "resolution": res, "latent_tokens": tokens,
-            "ours_ms": ours[0], "official_ms": official[0], "speedup": official[0] / ours[0],
-            "ours_cpu_ms": ours[1], "official_cpu_ms": official[1], "cpu_time_speedup": official[1] / ours[1],
-            "ours_peak_mb": ours[2], "official_peak_mb": official[2], "memory_ratio": official[2] / ours[2],
-        }
+        row = {"resolution": res, "latent_tokens": tokens, **compare(ours, official)}
         layer_rows.append(row)
         print(f"{res:>5} {tokens:>6} | {ours[0]:>9.1f} {official[0]:>11.1f} {row['speedup']:>6.2f}x"
               f" {row['cpu_time_speedup']:>7.2f}x | {ours[2]:>8.1f} {official[2]:>12.1f} {row['memory_ratio']:>5.2f}x",
