@@ -141,8 +141,8 @@ def main():
     parser.add_argument("--layers-per-block", type=int, default=None, help="default 1 on CPU, 2 (SD 1.5) on CUDA")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--warmup", type=int, default=0, help="untimed steps after the memory run")
-    parser.add_argument("--repeat", type=int, default=None, help="timed steps (median); default 1 on CPU, 10 on CUDA")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps after the memory run; default 1 on CPU, 0 on CUDA")
+    parser.add_argument("--repeat", type=int, default=None, help="timed steps (median); default 2 on CPU, 10 on CUDA")
     parser.add_argument("--layer-resolutions", type=int, nargs="*", default=None,
                         help="sizes for the first attn1 layer alone (forward + backward); default 256 512 1024 2048")
     parser.add_argument("--layer-repeat", type=int, default=5, help="timed layer runs (median)")
@@ -154,7 +154,8 @@ def main():
         args.resolutions = [512, 1024] if cuda else [256, 512]
     args.layers_per_block = args.layers_per_block or (2 if cuda else 1)
     args.layer_resolutions = [256, 512, 1024, 2048] if args.layer_resolutions is None else args.layer_resolutions
-    args.repeat = args.repeat or (10 if cuda else 1)
+    args.repeat = args.repeat or (10 if cuda else 2)
+    args.warmup = (0 if cuda else 1) if args.warmup is None else args.warmup
     if args.threads:
         torch.set_num_threads(args.threads)
     for res in args.resolutions:
