@@ -21,7 +21,8 @@ features, the backward and an AdamW step over LinFusion's parameters. The teache
 UNet's own softmax attention under no_grad) is the same for both and timed once on its own.
 Per resolution: the peak memory of one step beyond the weights, inputs and AdamW state
 (benchmarks.common; the step's gradients and activations), then the median wall and
-process-CPU time of --repeat steps. Then the UNet's highest-resolution self-attention layer
+process-CPU time of --repeat steps; the two students are measured twice in alternation and the
+second round is reported. Then the UNet's highest-resolution self-attention layer
 alone (forward + backward, 320 channels, 8 heads of 40) at --layer-resolutions, where the
 attention's own cost shows; in the whole step at these sizes the convolutions dominate. Writes
 benchmarks/out/distill_<device>.json.
@@ -33,6 +34,7 @@ benchmarks/out/distill_<device>.json.
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -69,15 +71,15 @@ class OfficialLinFusionAttention(nn.Module):
 
 
 @contextlib.contextmanager
-def official_modules(unet, linfusion):
-    """Context: each attn1 of the UNet replaced by the official module on LinFusion's weights, as
-    the official mount_to does (whole submodules swapped); LinFusion mounted again after."""
+def official_modules(unet, linfusion, replacements):
+    """Context: each attn1 of the UNet replaced by its official module (`replacements`, by name),
+    as the official mount_to does (whole submodules swapped); LinFusion mounted again after."""
     linfusion.unmount(unet=unet)
     originals = {}
-    for name, layer in linfusion.modules_dict.items():
+    for name, module in replacements.items():
         parent, attr = name.rsplit(".", 1)
         originals[name] = unet.get_submodule(name)
-        setattr(unet.get_submodule(parent), attr, OfficialLinFusionAttention(layer))
+        setattr(unet.get_submodule(parent), attr, module)
     try:
         yield
     finally:
@@ -108,6 +110,16 @@ def make_step(unet, linfusion, params, batch, teacher_pred, teacher_feats):
         optimizer.zero_grad(set_to_none=True)
 
     return step, tap
+
+
+def measure_alternating(ours_fn, official_fn, official_context, repeat, args):
+    """(ours, official) `measure` results, measured twice in alternation, the second round kept:
+    the first warms the allocator for both (whichever ran first would otherwise pay for it)."""
+    for _ in range(2):
+        ours = measure(ours_fn, repeat, args)
+        with official_context():
+            official = measure(official_fn, repeat, args)
+    return ours, official
 
 
 def compare(ours, official):
@@ -141,8 +153,8 @@ def main():
     parser.add_argument("--layers-per-block", type=int, default=None, help="default 1 on CPU, 2 (SD 1.5) on CUDA")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps after the memory run; default 1 on CPU, 0 on CUDA")
-    parser.add_argument("--repeat", type=int, default=None, help="timed steps (median); default 2 on CPU, 10 on CUDA")
+    parser.add_argument("--warmup", type=int, default=0, help="untimed steps after the memory run")
+    parser.add_argument("--repeat", type=int, default=None, help="timed steps (median); default 1 on CPU, 10 on CUDA")
     parser.add_argument("--layer-resolutions", type=int, nargs="*", default=None,
                         help="sizes for the first attn1 layer alone (forward + backward); default 256 512 1024 2048")
     parser.add_argument("--layer-repeat", type=int, default=5, help="timed layer runs (median)")
@@ -154,8 +166,7 @@ def main():
         args.resolutions = [512, 1024] if cuda else [256, 512]
     args.layers_per_block = args.layers_per_block or (2 if cuda else 1)
     args.layer_resolutions = [256, 512, 1024, 2048] if args.layer_resolutions is None else args.layer_resolutions
-    args.repeat = args.repeat or (10 if cuda else 2)
-    args.warmup = (0 if cuda else 1) if args.warmup is None else args.warmup
+    args.repeat = args.repeat or (10 if cuda else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
     for res in args.resolutions:
@@ -199,6 +210,7 @@ def main():
     meta["linfusion_parameters"] = sum(p.numel() for p in params)
     teacher_tap = Attn1FeatureTap(unet, linfusion.modules_dict)
 
+    replacements = {name: OfficialLinFusionAttention(layer) for name, layer in linfusion.modules_dict.items()}
     rows = []
     print(f"{'res':>5} {'tokens':>6} | {'teacher ms':>10} | {'ours ms':>9} {'official ms':>11} {'speedup':>7}"
           f" {'CPU-time':>8} | {'ours MiB':>8} {'official MiB':>12} {'ratio':>6} | max |diff|")
@@ -222,17 +234,17 @@ def main():
         teacher_ms = time_ms(teacher, args.device, warmup=0, repeat=1)
         teacher_pred, teacher_feats = teacher()
 
+        official_context = functools.partial(official_modules, unet, linfusion, replacements)
         with torch.no_grad():
             ours_pred = unet(noisy, timesteps, text).sample
-            with official_modules(unet, linfusion):
+            with official_context():
                 diff = (unet(noisy, timesteps, text).sample - ours_pred).abs().max().item()
-        step, tap = make_step(unet, linfusion, params, batch, teacher_pred, teacher_feats)
-        ours = measure(step, args.repeat, args)
-        tap.remove()
-        with official_modules(unet, linfusion):
-            step, tap = make_step(unet, linfusion, params, batch, teacher_pred, teacher_feats)
-            official = measure(step, args.repeat, args)
-            tap.remove()
+        ours_step, ours_tap = make_step(unet, linfusion, params, batch, teacher_pred, teacher_feats)
+        with official_context():
+            official_step, official_tap = make_step(unet, linfusion, params, batch, teacher_pred, teacher_feats)
+        ours, official = measure_alternating(ours_step, official_step, official_context, args.repeat, args)
+        ours_tap.remove()
+        official_tap.remove()
 
         row = {"resolution": res, "latent_tokens": latent ** 2, "teacher_forward_ms": teacher_ms,
                **compare(ours, official), "max_abs_output_diff": diff}
@@ -250,10 +262,10 @@ def main():
           f" | {'ours MiB':>8} {'official MiB':>12} {'ratio':>6}")
     for res in args.layer_resolutions:
         tokens = (res // 8) ** 2
-        ours = measure(layer_step(attn, tokens, args.batch, args.device), args.layer_repeat, args)
-        official = measure(
-            layer_step(OfficialLinFusionAttention(linfusion.modules_dict[first]), tokens, args.batch, args.device),
-            args.layer_repeat, args,
+        ours, official = measure_alternating(
+            layer_step(attn, tokens, args.batch, args.device),
+            layer_step(replacements[first], tokens, args.batch, args.device),
+            contextlib.nullcontext, args.layer_repeat, args,
         )
         row = {"resolution": res, "latent_tokens": tokens, **compare(ours, official)}
         layer_rows.append(row)

@@ -314,9 +314,9 @@ def main(args=None):
     # precision runs it under autocast.
     mid_dim_scale = args.mid_dim_scale if args.mid_dim_scale is not None or kind != "sd-xl" else XL_MID_DIM_SCALE
     teacher_unet = copy.deepcopy(unet).requires_grad_(False).to(accelerator.device, dtype=weight_dtype) if args.separate_teacher else None
+    unet.to(accelerator.device)
     linfusion = init_linfusion(unet, args.init, mid_dim_scale, args.pretrained_linfusion_path)
     params = trainable_parameters(unet, linfusion)
-    unet.to(accelerator.device)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
