@@ -2,9 +2,8 @@
 LongAlign's segment-level text encoding, as PyTorch custom ops with autograd.
 
 The diffusers integration (LinFusion, LinFusionAttnProcessor), the long-prompt encoder
-(LongPromptEncoder), linfusion_ops.distributed and linfusion_ops.training (LinFusion distillation)
-load on first use, so `import linfusion_ops`
-needs only torch.
+(LongPromptEncoder), linfusion_ops.distributed and linfusion_ops.training (LinFusion
+distillation) load on first use, so `import linfusion_ops` needs only torch.
 """
 
 import importlib

@@ -9,7 +9,8 @@ loop, and saves.
       --train_batch_size 8 --max_train_steps 100000 --gradient_checkpointing
 
 Data: `--train_data_dir`, a folder of images with captions in a `metadata.jsonl` (one
-`{"file_name": ..., "text": ...}` per line) or in a `.txt` file beside each image; or
+`{"file_name": ..., "text": ...}` per line; `--caption_column` names the caption key) or in a
+`.txt` file beside each image; or
 `--dataset_name`, anything `datasets.load_dataset` reads (a hub name or a local folder), with
 `--image_column` / `--caption_column`. Images are resized (shorter side) and centre-cropped to
 `--resolution`; SD XL gets the original size, crop corner and target size as its time ids.
@@ -115,9 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------
 # Data.
-def _folder_samples(folder):
-    """(image path, caption) pairs of an image folder: captions from metadata.jsonl when present,
-    else from a .txt file beside each image."""
+def _folder_samples(folder, caption_column="text"):
+    """(image path, caption) pairs of an image folder: captions from the `caption_column` entries
+    of metadata.jsonl when present, else from a .txt file beside each image."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"--train_data_dir: {folder} is not a folder")
@@ -133,13 +134,13 @@ def _folder_samples(folder):
     for path in images:
         if metadata.exists():
             entry = captions.get(path.resolve())
-            caption = None if entry is None else entry.get("text")
+            caption = None if entry is None else entry.get(caption_column)
         else:
             side = path.with_suffix(".txt")
             caption = side.read_text().strip() if side.exists() else None
         if caption is None:
             raise ValueError(
-                f"--train_data_dir: no caption for {path} (expected a 'text' entry in "
+                f"--train_data_dir: no caption for {path} (expected a {caption_column!r} entry in "
                 f"{metadata.name} or a {path.with_suffix('.txt').name} beside it)"
             )
         samples.append((path, caption))
@@ -216,7 +217,7 @@ class _HubSamples:
 
 def build_dataset(args, tokenizers, resolution) -> CaptionedImages:
     if args.train_data_dir is not None:
-        samples = _folder_samples(args.train_data_dir)
+        samples = _folder_samples(args.train_data_dir, args.caption_column)
     else:
         import datasets
 
