@@ -436,10 +436,12 @@ def test_script_sdxl_time_ids_and_dataset_name(tmp_path, monkeypatch):
         "--pretrained_model_name_or_path", str(pipe), "--dataset_name", str(data), "--cache_dir", str(tmp_path / "cache"),
         "--output_dir", str(tmp_path / "out"), "--train_batch_size", "2", "--max_train_steps", "1",
         "--gradient_checkpointing", "--mixed_precision", "bf16", "--loss_weights", "1,0.5,0.25",
+        "--separate_teacher", "--init", "fresh",
     ])
     linfusion = run_script(args)
     (call,) = counter.calls
     assert call["weights"] == (1.0, 0.5, 0.25)
+    assert call["teacher_unet"] is not None and call["teacher_unet"].dtype == torch.bfloat16
     conds = call["added_cond_kwargs"]
     # 24 x 20 px resized to 19 x 16 (shorter side 16), centre crop at left 1: original size
     # (20, 24), crop corner (0, 1), target size (16, 16).
