@@ -142,6 +142,12 @@ def tiny_vae():
     )
 
 
+def euler_scheduler():
+    """Euler with steps_offset=1, as in the released SD scheduler configs (diffusers warns about
+    the class default 0); with the default "linspace" spacing the timesteps are the same."""
+    return EulerDiscreteScheduler(steps_offset=1)
+
+
 def tiny_sd_pipeline(tok_dir, unet=None):
     torch.manual_seed(9)
     return StableDiffusionPipeline(
@@ -149,7 +155,7 @@ def tiny_sd_pipeline(tok_dir, unet=None):
         text_encoder=CLIPTextModel(text_config(32)),
         tokenizer=write_tokenizer(tok_dir),
         unet=unet if unet is not None else make_unet("sd15"),
-        scheduler=EulerDiscreteScheduler(),
+        scheduler=euler_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -166,5 +172,5 @@ def tiny_sdxl_pipeline(tok_dir, unet=None):
         tokenizer=write_tokenizer(tok_dir / "t1"),
         tokenizer_2=write_tokenizer(tok_dir / "t2"),
         unet=unet if unet is not None else make_unet("xl"),
-        scheduler=EulerDiscreteScheduler(),
+        scheduler=euler_scheduler(),
     )
