@@ -168,3 +168,17 @@ def tiny_sdxl_pipeline(tok_dir, unet=None):
         unet=unet if unet is not None else make_unet("xl"),
         scheduler=EulerDiscreteScheduler(),
     )
+
+
+def tiny_clip_model(seed=10, image_size=16):
+    """A tiny random CLIPModel (the class of the preference models Denscore, PickScore and HPS)
+    whose text tower reads `write_tokenizer`'s ids, with 16-channel projections."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+        image_size=image_size, patch_size=4,
+    )
+    config = CLIPConfig(text_config=text_config(32).to_dict(), vision_config=vision.to_dict(), projection_dim=16)
+    return CLIPModel(config).eval()
