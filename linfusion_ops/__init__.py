@@ -23,6 +23,8 @@ _LAZY = {
     "LinFusion": "linfusion_ops.linfusion",
     "LinFusionAttnProcessor": "linfusion_ops.linfusion",
     "LongPromptEncoder": "linfusion_ops.long_prompt",
+    "LongSDAdapter": "linfusion_ops.longsd",
+    "load_longsd_lora": "linfusion_ops.longsd",
     "distributed": "linfusion_ops.distributed",
 }
 
@@ -45,5 +47,7 @@ __all__ = [
     "LinFusion",
     "LinFusionAttnProcessor",
     "LongPromptEncoder",
+    "LongSDAdapter",
+    "load_longsd_lora",
     "distributed",
 ]
