@@ -334,7 +334,8 @@ class LongPromptEncoder:
 
         Returns:
             ``{"prompt_embeds", "negative_prompt_embeds"}``, each (B, T, C) with T = max_tokens
-            (+ t5_max_tokens with the T5 path) in the text encoder's dtype (``text_encoder_2``'s for SD XL, C = C1 + C2) on its execution device;
+            (+ t5_max_tokens with the T5 path) in the text encoder's dtype (``text_encoder_2``'s
+            for SD XL, C = C1 + C2) on its execution device;
             for SD XL also ``"pooled_prompt_embeds"`` and ``"negative_pooled_prompt_embeds"``,
             (B, P). Pass them to the pipeline as ``pipe(**encoder(prompt), ...)``.
         """

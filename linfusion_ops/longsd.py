@@ -13,7 +13,7 @@ is SD 1.5 with LoRA deltas merged into its weights: `load_longsd_lora` reads the
 """
 
 import os
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -70,7 +70,9 @@ class LongSDAdapter(ModelMixin, ConfigMixin):
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         unexpected = set(kwargs) - {"torch_dtype"}
         if unexpected:
-            raise TypeError(f"LongSDAdapter.from_pretrained: a weights file takes only torch_dtype, got {sorted(unexpected)}")
+            raise TypeError(
+                f"LongSDAdapter.from_pretrained: a weights file takes only torch_dtype, got {sorted(unexpected)}"
+            )
         state_dict = load_state_dict(pretrained_model_name_or_path)
         try:
             dims = (state_dict["norm1.weight"].shape[0], state_dict["norm2.weight"].shape[0],
@@ -109,7 +111,9 @@ class T5TextPath:
 
     def __init__(self, tokenizer, encoder, adapter, max_tokens: int, channels: Optional[int] = None):
         if tokenizer is None or encoder is None or adapter is None:
-            raise ValueError("LongPromptEncoder: pass t5_tokenizer, t5_encoder and t5_adapter together (LongSD), or none")
+            raise ValueError(
+                "LongPromptEncoder: pass t5_tokenizer, t5_encoder and t5_adapter together (LongSD), or none"
+            )
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
             raise ValueError(f"LongPromptEncoder: t5_max_tokens must be a positive int, got {max_tokens!r}")
         if getattr(tokenizer, "pad_token_id", None) is None:
@@ -151,7 +155,9 @@ def _expected_factors(layer: nn.Module, rank: int) -> Tuple[tuple, tuple]:
     return (out_features, rank), (rank, in_features)
 
 
-def load_longsd_lora(unet: nn.Module, *loras: Union[str, os.PathLike, Sequence[torch.Tensor]], scale: float = 1.0) -> None:
+def load_longsd_lora(
+    unet: nn.Module, *loras: Union[str, os.PathLike, Sequence[torch.Tensor]], scale: float = 1.0
+) -> None:
     """Merge LongSD's released UNet LoRA weights into ``unet`` (in place), as the official
     sample.py does: ``W += scale · up @ down`` for each layer of LongAlign's LoRA layout
     (`linfusion_ops.preference.longalign_lora_targets`: every Linear and Conv2d of the ResNet
@@ -210,5 +216,6 @@ def load_longsd_lora(unet: nn.Module, *loras: Union[str, os.PathLike, Sequence[t
         for factors in checked:
             for (_, layer), up, down in zip(layers, factors[0::2], factors[1::2]):
                 weight = layer.weight
-                delta = up.to(weight.device, torch.float32).flatten(1) @ down.to(weight.device, torch.float32).flatten(1)
+                up, down = (f.to(weight.device, torch.float32).flatten(1) for f in (up, down))
+                delta = up @ down
                 weight.copy_((weight.float() + scale * delta.reshape(weight.shape)).to(weight.dtype))

@@ -351,6 +351,21 @@ def test_lora_with_linfusion_mounted(tmp_path):
     assert any(first.to_q.weight is p for p in unet.parameters())
 
 
+def test_lora_under_a_peft_adapter():
+    """A layer already wrapped by PEFT gets the delta in its base weight."""
+    from linfusion_ops.preference import add_longalign_lora
+
+    plain, wrapped = make_unet("sd15"), make_unet("sd15")
+    factors = official_lora_file(plain, rank=4, seed=7)
+    add_longalign_lora(wrapped, rank=2)
+    load_longsd_lora(plain, factors)
+    load_longsd_lora(wrapped, factors)
+    base = {k.replace(".base_layer", ""): v for k, v in wrapped.state_dict().items() if "lora_" not in k}
+    assert base.keys() == plain.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(base[key], value, rtol=0, atol=0, msg=key)
+
+
 def test_lora_errors(tmp_path):
     unet = make_unet("sd15")
     factors = official_lora_file(unet, rank=4, seed=4)
@@ -358,7 +373,8 @@ def test_lora_errors(tmp_path):
         load_longsd_lora(unet, factors[:-2])
     wrong = list(factors)
     wrong[0] = torch.zeros(wrong[0].shape[0] + 1, 4)
-    with pytest.raises(ValueError, match=r"does not fit down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q"):
+    first_layer = r"down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q"
+    with pytest.raises(ValueError, match=f"does not fit {first_layer}"):
         load_longsd_lora(unet, factors, wrong)
     torch.save({"a": torch.zeros(1)}, tmp_path / "dict.pt")
     with pytest.raises(ValueError, match="must hold a list of tensors"):
