@@ -366,6 +366,27 @@ def test_lora_under_a_peft_adapter():
         torch.testing.assert_close(base[key], value, rtol=0, atol=0, msg=key)
 
 
+def test_lora_merge_agrees_with_the_peft_adapter():
+    """A PEFT adapter in LongAlign's layout, written as an official list by
+    preference.lora_to_longalign_list and merged here, gives the adapted UNet's output."""
+    from linfusion_ops.preference import add_longalign_lora, lora_to_longalign_list
+    from tiny_models import unet_inputs
+
+    adapted, merged = make_unet("sd15"), make_unet("sd15")
+    add_longalign_lora(adapted, rank=4)
+    torch.manual_seed(8)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    load_longsd_lora(merged, lora_to_longalign_list(adapted, dtype=None))
+    inputs = unet_inputs("sd15")
+    with torch.no_grad():
+        expected, out, base = (unet(**inputs).sample for unet in (adapted, merged, make_unet("sd15")))
+    assert not torch.allclose(expected, base, atol=1e-3)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_lora_errors(tmp_path):
     unet = make_unet("sd15")
     factors = official_lora_file(unet, rank=4, seed=4)
