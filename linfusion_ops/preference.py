@@ -423,6 +423,12 @@ class RewardSampler:
     def do_cfg(self) -> bool:
         return self.guidance_scale is not None and self.guidance_scale != 1.0
 
+    def gradient_steps(self, generator: Optional[torch.Generator] = None) -> List[int]:
+        """Indices of the steps run with gradient: every ``grad_every``-th from an offset drawn
+        uniformly in [0, grad_every) with ``generator``."""
+        offset = int(torch.randint(self.grad_every, (1,), generator=generator))
+        return list(range(offset, self.num_steps, self.grad_every))
+
     def _unet(self, sample, timestep, embeds):
         return self.unet(sample, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
 
@@ -474,8 +480,7 @@ class RewardSampler:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
         elif latents.dim() != 4 or latents.shape[0] != batch:
             raise ValueError(f"RewardSampler: latents must be (B={batch}, C, h, w), got {_describe(latents)}")
-        offset = int(torch.randint(self.grad_every, (1,), generator=generator))
-        grad_steps = list(range(offset, self.num_steps, self.grad_every))
+        grad_steps = self.gradient_steps(generator)
 
         x = latents.to(device, dtype)
         for i, t in enumerate(self.timesteps):
