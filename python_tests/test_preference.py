@@ -371,6 +371,30 @@ def test_lora_targets_follow_the_official_layout():
     assert add_longalign_lora(mounted, rank=2) == targets and longalign_lora_targets(mounted) == targets
 
 
+def official_lora_layers(unet):
+    """A literal port of the official traversal (modules/lora.py _find_modules_v2 over
+    UNET_EXTENDED_TARGET_REPLACE), which fixes the order of lora_vis.pt."""
+    ancestor_class = {"ResnetBlock2D", "CrossAttention", "Attention", "GEGLU"}
+    found = []
+    for ancestor in (m for m in unet.modules() if m.__class__.__name__ in ancestor_class):
+        for fullname, module in ancestor.named_modules():
+            if any(isinstance(module, c) for c in (torch.nn.Linear, torch.nn.Conv2d)):
+                found.append(module)
+    return found
+
+
+def test_lora_targets_match_the_official_traversal():
+    unet = make_unet("sd15")
+    assert [unet.get_submodule(n) for n in longalign_lora_targets(unet)] == official_lora_layers(unet)
+    # The official LoRA shapes: Conv2d up (out, r, 1, 1), down (r, in, kh, kw); Linear (out, r), (r, in).
+    add_longalign_lora(unet, rank=4)
+    weights = lora_to_longalign_list(unet)
+    conv = longalign_lora_targets(unet).index("down_blocks.1.resnets.0.conv1")
+    assert weights[2 * conv].shape == (64, 4, 1, 1) and weights[2 * conv + 1].shape == (4, 32, 3, 3)
+    proj = longalign_lora_targets(unet).index("down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj")
+    assert weights[2 * proj].shape == (256, 4) and weights[2 * proj + 1].shape == (4, 32)
+
+
 def test_lora_vis_round_trip():
     unet = lora_unet(torch.float32)
     weights = lora_to_longalign_list(unet, dtype=None)
