@@ -5,6 +5,7 @@ scorer, the reward sampler (call counts, truncated backprop, checkpointing, LinF
 LoRA layout and its lora_vis.pt conversion, and the fine-tuning CLI."""
 
 import datetime
+import importlib.util
 import json
 import os
 import re
@@ -469,3 +470,16 @@ def test_finetune_cli(tmp_path):
         fresh = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe")
     fresh.load_lora_weights(out)
     assert all(torch.equal(a, b) for a, b in zip(lora_to_longalign_list(fresh.unet), weights))
+
+    # The conversions: lora_vis.pt -> diffusers LoRA folder -> lora_vis.pt, bit for bit.
+    spec = importlib.util.spec_from_file_location("finetune_longalign", ROOT / "scripts" / "finetune_longalign.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        script.main(["--pretrained_model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "converted"),
+                     "--convert_lora_vis", str(out / "lora_vis.pt")])
+        script.main(["--pretrained_model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "exported"),
+                     "--export_lora_vis", str(tmp_path / "converted")])
+    exported = torch.load(tmp_path / "exported" / "lora_vis.pt", weights_only=True)
+    assert len(exported) == len(weights) and all(torch.equal(a, b) for a, b in zip(exported, weights))

@@ -14,6 +14,10 @@ clipping 0.3, reweight w = 0.3, batch 8 per process. The text conditioning is Lo
 segment-level CLIP encoding (240 tokens). Writes to --output_dir: pytorch_lora_weights.safetensors
 (diffusers/PEFT: ``pipe.load_lora_weights(output_dir)``), lora_vis.pt (the official list format),
 and checkpoint-<step>/ folders to resume from (--resume).
+
+Conversions (no training): ``--convert_lora_vis lora_vis.pt`` writes the official file as a
+diffusers LoRA folder in --output_dir; ``--export_lora_vis <diffusers LoRA folder>`` writes its
+lora_vis.pt there. Both need --pretrained_model (the UNet fixes the layer order).
 """
 
 import argparse
@@ -39,9 +43,9 @@ logger = logging.getLogger("finetune_longalign")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pretrained_model", required=True, help="diffusers SD 1.5 / 2.1 pipeline (hub id or folder)")
-    p.add_argument("--preference_model", required=True, help="CLIPModel of the preference score (Denscore, PickScore, HPS)")
+    p.add_argument("--preference_model", help="CLIPModel of the preference score (Denscore, PickScore, HPS)")
     p.add_argument("--preference_tokenizer", default=None, help="its tokenizer (default: the model's folder)")
-    p.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSONL ({'prompt'|'caption': ...})")
+    p.add_argument("--prompts", help="text file (one prompt per line) or JSONL ({'prompt'|'caption': ...})")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--linfusion", default=None, help="LinFusion checkpoint (hub id or folder) to mount before the LoRA")
     p.add_argument("--init_lora", default=None, help="an official lora_vis.pt to start the LoRA from")
@@ -67,7 +71,44 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint-<step> in --output_dir")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    conversion = p.add_mutually_exclusive_group()
+    conversion.add_argument("--convert_lora_vis", default=None, help="official lora_vis.pt -> diffusers LoRA in --output_dir")
+    conversion.add_argument("--export_lora_vis", default=None, help="diffusers LoRA folder -> lora_vis.pt in --output_dir")
+    args = p.parse_args(argv)
+    if not (args.convert_lora_vis or args.export_lora_vis):
+        missing = [f"--{name}" for name in ("preference_model", "prompts") if getattr(args, name) is None]
+        if missing:
+            p.error(f"training needs {' and '.join(missing)}")
+    return args
+
+
+def save_diffusers_lora(unet, folder):
+    """The UNet's LoRA adapter as pytorch_lora_weights.safetensors (pipe.load_lora_weights)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+
+
+def load_pipeline(name_or_path):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(name_or_path, safety_checker=None, requires_safety_checker=False)
+
+
+def convert(args):
+    pipe = load_pipeline(args.pretrained_model)
+    output_dir = Path(args.output_dir)
+    if args.convert_lora_vis:
+        lora_from_longalign_list(pipe.unet, torch.load(args.convert_lora_vis, map_location="cpu", weights_only=True))
+        save_diffusers_lora(pipe.unet, output_dir)
+    else:
+        pipe.load_lora_weights(args.export_lora_vis)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(lora_to_longalign_list(pipe.unet), output_dir / "lora_vis.pt")
 
 
 def read_prompts(path):
@@ -117,12 +158,13 @@ def latest_checkpoint(output_dir):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.convert_lora_vis or args.export_lora_vis:
+        convert(args)
+        return
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers import StableDiffusionPipeline
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from tqdm.auto import tqdm
 
@@ -134,7 +176,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model, safety_checker=None, requires_safety_checker=False)
+    pipe = load_pipeline(args.pretrained_model)
     pipe.set_progress_bar_config(disable=True)
     unet, vae = pipe.unet, pipe.vae
     for module in (unet, vae, pipe.text_encoder):
@@ -169,9 +211,7 @@ def main(argv=None):
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
 
     def save_lora(folder):
-        folder.mkdir(parents=True, exist_ok=True)
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+        save_diffusers_lora(unet, folder)
         torch.save(lora_to_longalign_list(unet), folder / "lora_vis.pt")
 
     def save_checkpoint(step):
