@@ -2,9 +2,9 @@
 LongAlign's segment-level text encoding, as PyTorch custom ops with autograd.
 
 The diffusers integration (LinFusion, LinFusionAttnProcessor), the long-prompt encoder
-(LongPromptEncoder), LongAlign's preference optimization (CLIPPreferenceScorer, RewardSampler,
-linfusion_ops.preference) and linfusion_ops.distributed load on first use, so
-`import linfusion_ops` needs only torch.
+(LongPromptEncoder), LongSD's T5 path (LongSDAdapter, load_longsd_lora), LongAlign's preference
+optimization (CLIPPreferenceScorer, RewardSampler, linfusion_ops.preference) and
+linfusion_ops.distributed load on first use, so `import linfusion_ops` needs only torch.
 """
 
 import importlib
