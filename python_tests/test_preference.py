@@ -435,6 +435,7 @@ def test_finetune_cli(tmp_path):
         warnings.simplefilter("ignore")
         pipe = tiny_sd_pipeline(tmp_path / "tok")
     pipe.save_pretrained(tmp_path / "pipe")
+    make_linfusion(pipe.unet).save_pretrained(tmp_path / "linfusion")
     clip_dir = tmp_path / "clip"
     tiny_clip_model().save_pretrained(clip_dir)
     pipe.tokenizer.save_pretrained(clip_dir)
@@ -448,13 +449,15 @@ def test_finetune_cli(tmp_path):
                "--prompts", str(prompts), "--output_dir", str(out), "--mode", "lcm", "--max_tokens", "24",
                "--lora_rank", "4", "--batch_size", "2", "--max_train_steps", str(steps), "--crop_size", "0",
                "--checkpointing_steps", "2", "--seed", "0", "--resume", "--warmup_steps", "0",
-               "--learning_rate", "1e-3", "--lora_dropout", "0"]
+               "--learning_rate", "1e-3", "--lora_dropout", "0",
+               "--linfusion", str(tmp_path / "linfusion")]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
         result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
         return result
 
-    run(2)
+    first_run = run(2)
+    assert "mounted LinFusion" in first_run.stdout + first_run.stderr
     state = json.loads((out / "checkpoint-2" / "training_state.json").read_text())
     assert state["global_step"] == 2
     first = torch.load(out / "lora_vis.pt", weights_only=True)
@@ -464,7 +467,8 @@ def test_finetune_cli(tmp_path):
     weights = torch.load(out / "lora_vis.pt", weights_only=True)
     assert any(not torch.equal(a, b) for a, b in zip(first, weights))
 
-    # The diffusers LoRA file loads with load_lora_weights and holds the lora_vis.pt weights.
+    # The diffusers LoRA file loads with load_lora_weights and holds the lora_vis.pt weights (the
+    # layout is the same with or without LinFusion).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fresh = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe")

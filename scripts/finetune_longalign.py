@@ -182,7 +182,9 @@ def main(argv=None):
     for module in (unet, vae, pipe.text_encoder):
         module.requires_grad_(False)
     if args.linfusion:
-        LinFusion.from_pretrained(args.linfusion).mount_to(unet=unet)
+        linfusion = LinFusion.from_pretrained(args.linfusion)
+        linfusion.mount_to(unet=unet)
+        logger.info(f"mounted LinFusion from {args.linfusion} on {len(linfusion.modules_dict)} self-attention layers")
         unet.requires_grad_(False)
     add_longalign_lora(unet, rank=args.lora_rank, dropout=args.lora_dropout)
     if args.init_lora:
