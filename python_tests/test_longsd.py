@@ -2,8 +2,8 @@
 format, offline with a tiny CLIP, a tiny T5 and tiny UNets.
 
 The oracles are literal ports of what LongAlign's official code computes (tools.caption2embed,
-modules/adapters.TextAdapter, sample.py, modules/lora's traversal and collapse), one step at a
-time, independently of the encoder's batching."""
+modules/adapters.TextAdapter, sample.py, modules/lora's collapse over test_preference's port of
+its traversal), one step at a time, independently of the encoder's batching."""
 
 import json
 import random
@@ -21,6 +21,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from linfusion_ops import LinFusionAttnProcessor, LongPromptEncoder, LongSDAdapter, load_longsd_lora  # noqa: E402
 from test_long_prompt import WORDS, _sentences, _text_config, _write_clip_vocab, published_longalign  # noqa: E402
+from test_preference import official_lora_layers  # noqa: E402
 from tiny_models import (  # noqa: E402
     SD15_UNET,
     make_linfusion,
@@ -98,28 +99,18 @@ def official_sample_embeds(prompts, negatives, clip, t5, adapter_sd, token_lengt
     return embeds.split([len(prompts), len(negatives)], dim=0)
 
 
-LORA_ANCESTORS = {"ResnetBlock2D", "CrossAttention", "Attention", "GEGLU"}
-
-
 def official_lora_collapse(model, loras):
-    """modules/lora: monkeypatch_or_replace_lora_extended (ancestors by class name in
-    model.modules() order, their Linear/Conv2d descendants, the ndim skip rule) then
-    collapse_lora (W += up @ down), as a list of (module, new weight)."""
+    """modules/lora: monkeypatch_or_replace_lora_extended over the official traversal (with its
+    ndim skip rule) then collapse_lora (W += up @ down), as a list of (module, new weight)."""
     loras = list(loras)
     merged = []
-    for ancestor in [m for m in model.modules() if m.__class__.__name__ in LORA_ANCESTORS]:
-        for _, module in ancestor.named_modules():
-            if module.__class__ == nn.Linear:
-                if len(loras[0].shape) != 2:
-                    continue
-                up, down = loras.pop(0).type(module.weight.dtype), loras.pop(0).type(module.weight.dtype)
-                merged.append((module, module.weight.data + up @ down))
-            elif module.__class__ == nn.Conv2d:
-                if len(loras[0].shape) != 4:
-                    continue
-                up, down = loras.pop(0).type(module.weight.dtype), loras.pop(0).type(module.weight.dtype)
-                delta = (up.flatten(start_dim=1) @ down.flatten(start_dim=1)).reshape(module.weight.shape)
-                merged.append((module, module.weight.data + delta))
+    for module in official_lora_layers(model):
+        ndim = 2 if module.__class__ == nn.Linear else 4
+        if len(loras[0].shape) != ndim:
+            continue
+        up, down = loras.pop(0).type(module.weight.dtype), loras.pop(0).type(module.weight.dtype)
+        delta = (up.flatten(start_dim=1) @ down.flatten(start_dim=1)).reshape(module.weight.shape)
+        merged.append((module, module.weight.data + delta))
     assert not loras
     return merged
 
@@ -128,13 +119,11 @@ def official_lora_file(model, rank, seed):
     """A lora_vis.pt list as save_lora_weight writes it: [up, down] per layer, fp16."""
     g = torch.Generator().manual_seed(seed)
     factors = []
-    for ancestor in [m for m in model.modules() if m.__class__.__name__ in LORA_ANCESTORS]:
-        for _, module in ancestor.named_modules():
-            if module.__class__ in (nn.Linear, nn.Conv2d):
-                out_ch, in_ch, *kernel = module.weight.shape
-                up = torch.randn(out_ch, rank, *([1] * len(kernel)), generator=g) * 0.1
-                down = torch.randn(rank, in_ch, *kernel, generator=g) * 0.1
-                factors += [up.half(), down.half()]
+    for module in official_lora_layers(model):
+        out_ch, in_ch, *kernel = module.weight.shape
+        up = torch.randn(out_ch, rank, *([1] * len(kernel)), generator=g) * 0.1
+        down = torch.randn(rank, in_ch, *kernel, generator=g) * 0.1
+        factors += [up.half(), down.half()]
     return factors
 
 
