@@ -264,7 +264,7 @@ class CLIPPreferenceScorer(nn.Module):
 
     def preprocess(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """(B, 3, H, W) images in [0, 1] -> (B, 3, image_size, image_size) normalised pixels in
-        the model's dtype, differentiable. ``generator`` (CPU) draws the crop offsets."""
+        the model's dtype (computed in fp32, or fp64 for fp64 images), differentiable. ``generator`` (CPU) draws the crop offsets."""
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(f"CLIPPreferenceScorer: images must be a floating-point (B, 3, H, W) tensor, got {_describe(images)}")
         if self.crop_size is not None:
@@ -281,6 +281,8 @@ class CLIPPreferenceScorer(nn.Module):
             else:
                 top, left = (height - size) // 2, (width - size) // 2
             images = images[..., top:top + size, left:left + size]
+        # In fp32 at least: half-precision antialiased resizing is less accurate, and missing on CPU.
+        images = images.to(torch.promote_types(images.dtype, torch.float32))
         images = F.interpolate(
             images, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False
         )
