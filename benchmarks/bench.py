@@ -10,15 +10,12 @@ Prints a table (median time, speedup over the reference, peak memory), and write
 
 import argparse
 import json
-import os
 import platform
 import sys
 from pathlib import Path
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU memory profiler is chatty otherwise
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

@@ -40,10 +40,7 @@ import os
 import platform
 import sys
 
-# The CPU memory measurement runs torch.profiler; keep its Kineto backend from logging to stderr.
-os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-
-import torch  # noqa: E402
+import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

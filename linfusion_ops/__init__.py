@@ -2,8 +2,10 @@
 LongAlign's segment-level text encoding, as PyTorch custom ops with autograd.
 
 The diffusers integration (LinFusion, LinFusionAttnProcessor), the long-prompt encoder
-(LongPromptEncoder), linfusion_ops.distributed and linfusion_ops.training (LinFusion
-distillation) load on first use, so `import linfusion_ops` needs only torch.
+(LongPromptEncoder), LongSD's T5 path (LongSDAdapter, load_longsd_lora), LongAlign's preference
+optimization (CLIPPreferenceScorer, RewardSampler, linfusion_ops.preference), LinFusion
+distillation (linfusion_ops.training: Attn1FeatureTap, distillation_loss) and
+linfusion_ops.distributed load on first use, so `import linfusion_ops` needs only torch.
 """
 
 import importlib
@@ -23,6 +25,10 @@ _LAZY = {
     "LinFusion": "linfusion_ops.linfusion",
     "LinFusionAttnProcessor": "linfusion_ops.linfusion",
     "LongPromptEncoder": "linfusion_ops.long_prompt",
+    "CLIPPreferenceScorer": "linfusion_ops.preference",
+    "RewardSampler": "linfusion_ops.preference",
+    "LongSDAdapter": "linfusion_ops.longsd",
+    "load_longsd_lora": "linfusion_ops.longsd",
     "distributed": "linfusion_ops.distributed",
     "training": "linfusion_ops.training",
     "Attn1FeatureTap": "linfusion_ops.training",
@@ -48,6 +54,10 @@ __all__ = [
     "LinFusion",
     "LinFusionAttnProcessor",
     "LongPromptEncoder",
+    "CLIPPreferenceScorer",
+    "RewardSampler",
+    "LongSDAdapter",
+    "load_longsd_lora",
     "distributed",
     "training",
     "Attn1FeatureTap",

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 
+from .longsd import T5TextPath, _config_value
 from .ops import merge_segments
 
 __all__ = ["LongPromptEncoder"]
@@ -124,6 +125,15 @@ class LongPromptEncoder:
             pipeline's config value.
         requires_grad: build the autograd graph through the encoders (training); by default
             encoding runs under ``torch.no_grad()``.
+        t5_tokenizer, t5_encoder, t5_adapter: LongSD's T5 text path (all three or none): a T5
+            tokenizer, a ``T5EncoderModel`` and a `linfusion_ops.LongSDAdapter` mapping its
+            d_model to the CLIP channels C (= the UNet's cross-attention dim). With them the
+            conditioning is ``[CLIP segments (max_tokens) ; adapter(T5(text, t5_max_tokens))]``
+            on the token axis, (B, max_tokens + t5_max_tokens, C): 240 + 240 = 480 for the
+            released LongSD (SD 1.5). Each text goes to T5 whole, in one batched call for all
+            prompts and negatives (see `linfusion_ops.longsd.T5TextPath`). Single-CLIP
+            pipelines only (SD 1.5, 2.x): SD XL raises ``ValueError``.
+        t5_max_tokens: the T5 half's length (LongSD: 240).
     """
 
     def __init__(
@@ -137,6 +147,10 @@ class LongPromptEncoder:
         policy: str = "longalign",
         force_zeros_for_empty_prompt: bool = False,
         requires_grad: bool = False,
+        t5_tokenizer=None,
+        t5_encoder=None,
+        t5_adapter=None,
+        t5_max_tokens: int = 240,
     ):
         if tokenizer is None or text_encoder is None:
             raise ValueError("LongPromptEncoder: tokenizer and text_encoder are required")
@@ -153,11 +167,23 @@ class LongPromptEncoder:
         self.policy = policy
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.requires_grad = requires_grad
+        self.t5 = None
+        if any(part is not None for part in (t5_tokenizer, t5_encoder, t5_adapter)):
+            if self.is_sdxl:
+                raise ValueError(
+                    "LongPromptEncoder: the T5 path (LongSD) is for single-CLIP pipelines (SD 1.5, SD 2.x; the "
+                    "released LongSD is SD 1.5); SD XL's conditioning (two CLIP encoders and a pooled "
+                    "embedding) has no T5 counterpart"
+                )
+            channels = _config_value(text_encoder, "hidden_size")
+            self.t5 = T5TextPath(t5_tokenizer, t5_encoder, t5_adapter, t5_max_tokens, channels)
 
     @classmethod
     def from_pipeline(cls, pipe, **kwargs) -> "LongPromptEncoder":
         """Build from a diffusers pipeline's ``tokenizer``/``text_encoder`` (and ``tokenizer_2``/
-        ``text_encoder_2`` for SD XL); keyword arguments go to the constructor."""
+        ``text_encoder_2`` for SD XL); keyword arguments go to the constructor. LongSD:
+        ``from_pipeline(pipe, t5_tokenizer=..., t5_encoder=..., t5_adapter=...)``, the adapter's
+        out_dim checked against the pipeline UNet's cross_attention_dim."""
         if getattr(pipe, "text_encoder", None) is None:
             raise ValueError(
                 "LongPromptEncoder.from_pipeline: the pipeline has no text_encoder "
@@ -167,13 +193,20 @@ class LongPromptEncoder:
             kwargs["force_zeros_for_empty_prompt"] = bool(
                 getattr(pipe.config, "force_zeros_for_empty_prompt", False)
             )
-        return cls(
+        encoder = cls(
             pipe.tokenizer,
             pipe.text_encoder,
             getattr(pipe, "tokenizer_2", None),
             getattr(pipe, "text_encoder_2", None),
             **kwargs,
         )
+        cross_attention_dim = _config_value(getattr(pipe, "unet", None), "cross_attention_dim")
+        if encoder.t5 is not None and cross_attention_dim not in (None, encoder.t5.out_dim):
+            raise ValueError(
+                f"LongPromptEncoder.from_pipeline: t5_adapter outputs out_dim = {encoder.t5.out_dim} channels, "
+                f"the pipeline's UNet has cross_attention_dim = {cross_attention_dim}"
+            )
+        return encoder
 
     @property
     def is_sdxl(self) -> bool:
@@ -239,7 +272,8 @@ class LongPromptEncoder:
         return segments, segment_ids, first_segment
 
     def _encode(self, texts: List[str]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(len(texts), max_tokens, C) merged embeddings and, for SD XL, (len(texts), P) pooled."""
+        """(len(texts), max_tokens, C) merged embeddings (+ t5_max_tokens with the T5 path) and,
+        for SD XL, (len(texts), P) pooled."""
         policy = _POLICIES[self.policy]
         segments, segment_ids, first_segment = self._segments(texts)
         hidden, pooled = [], None
@@ -282,6 +316,8 @@ class LongPromptEncoder:
         )
         if pooled is not None:
             pooled = pooled.to(device=device, dtype=dtype)[first_segment]
+        if self.t5 is not None:
+            merged = torch.cat([merged, self.t5(texts).to(device=device, dtype=dtype)], dim=1)
         return merged, pooled
 
     def __call__(
@@ -297,8 +333,9 @@ class LongPromptEncoder:
                 ``""``, or zeros with ``force_zeros_for_empty_prompt``.
 
         Returns:
-            ``{"prompt_embeds", "negative_prompt_embeds"}``, each (B, max_tokens, C) in the text
-            encoder's dtype (``text_encoder_2``'s for SD XL, C = C1 + C2) on its execution device;
+            ``{"prompt_embeds", "negative_prompt_embeds"}``, each (B, T, C) with T = max_tokens
+            (+ t5_max_tokens with the T5 path) in the text encoder's dtype (``text_encoder_2``'s
+            for SD XL, C = C1 + C2) on its execution device;
             for SD XL also ``"pooled_prompt_embeds"`` and ``"negative_pooled_prompt_embeds"``,
             (B, P). Pass them to the pipeline as ``pipe(**encoder(prompt), ...)``.
         """

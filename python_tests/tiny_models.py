@@ -142,6 +142,12 @@ def tiny_vae():
     )
 
 
+def euler_scheduler():
+    """Euler with steps_offset=1, as in the released SD scheduler configs (diffusers warns about
+    the class default 0); with the default "linspace" spacing the timesteps are the same."""
+    return EulerDiscreteScheduler(steps_offset=1)
+
+
 def tiny_sd_pipeline(tok_dir, unet=None):
     torch.manual_seed(9)
     return StableDiffusionPipeline(
@@ -149,7 +155,7 @@ def tiny_sd_pipeline(tok_dir, unet=None):
         text_encoder=CLIPTextModel(text_config(32)),
         tokenizer=write_tokenizer(tok_dir),
         unet=unet if unet is not None else make_unet("sd15"),
-        scheduler=EulerDiscreteScheduler(),
+        scheduler=euler_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -166,8 +172,49 @@ def tiny_sdxl_pipeline(tok_dir, unet=None):
         tokenizer=write_tokenizer(tok_dir / "t1"),
         tokenizer_2=write_tokenizer(tok_dir / "t2"),
         unet=unet if unet is not None else make_unet("xl"),
-        scheduler=EulerDiscreteScheduler(),
+        scheduler=euler_scheduler(),
     )
+
+
+def tiny_clip_model(seed=10, image_size=16):
+    """A tiny random CLIPModel (the class of the preference models Denscore, PickScore and HPS)
+    whose text tower reads `write_tokenizer`'s ids, with 16-channel projections."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+        image_size=image_size, patch_size=4,
+    )
+    config = CLIPConfig(text_config=text_config(32).to_dict(), vision_config=vision.to_dict(), projection_dim=16)
+    return CLIPModel(config).eval()
+
+
+def write_t5_tokenizer(folder, words=()):
+    """A T5 tokenizer written to `folder` and loaded back as users load T5's: a Unigram model
+    with T5's special ids (<pad> 0, </s> 1, <unk> 2, no sentinels), every lowercase letter and
+    common punctuation mark (so most text tokenizes), and a cheap "▁word" piece per `words`."""
+    from transformers import AutoTokenizer, T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += [(c, -6.0) for c in string.ascii_lowercase + ".,!?;"]
+    vocab += [("▁" + c, -6.5) for c in string.ascii_lowercase]
+    vocab += [("▁" + w, -2.0) for w in dict.fromkeys(words) if len(w) > 1]
+    T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512).save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def tiny_t5_encoder(vocab_size, d_model=24, seed=11):
+    """A 2-layer random T5EncoderModel (relative positions: any sequence length)."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=40, num_layers=2, num_heads=3,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config).eval()
 
 
 def write_captioned_images(folder, sizes=((24, 20), (20, 28), (16, 16), (30, 18)), captions="txt", seed=0):
