@@ -3,7 +3,8 @@ LongAlign's segment-level text encoding, as PyTorch custom ops with autograd.
 
 The diffusers integration (LinFusion, LinFusionAttnProcessor), the long-prompt encoder
 (LongPromptEncoder), LongSD's T5 path (LongSDAdapter, load_longsd_lora), LongAlign's preference
-optimization (CLIPPreferenceScorer, RewardSampler, linfusion_ops.preference) and
+optimization (CLIPPreferenceScorer, RewardSampler, linfusion_ops.preference), LinFusion
+distillation (linfusion_ops.training: Attn1FeatureTap, distillation_loss) and
 linfusion_ops.distributed load on first use, so `import linfusion_ops` needs only torch.
 """
 
@@ -29,13 +30,16 @@ _LAZY = {
     "LongSDAdapter": "linfusion_ops.longsd",
     "load_longsd_lora": "linfusion_ops.longsd",
     "distributed": "linfusion_ops.distributed",
+    "training": "linfusion_ops.training",
+    "Attn1FeatureTap": "linfusion_ops.training",
+    "distillation_loss": "linfusion_ops.training",
 }
 
 
 def __getattr__(name):
     if name in _LAZY:
         module = importlib.import_module(_LAZY[name])
-        return module if name == "distributed" else getattr(module, name)
+        return module if _LAZY[name] == f"{__name__}.{name}" else getattr(module, name)
     raise AttributeError(f"module 'linfusion_ops' has no attribute {name!r}")
 
 
@@ -55,4 +59,7 @@ __all__ = [
     "LongSDAdapter",
     "load_longsd_lora",
     "distributed",
+    "training",
+    "Attn1FeatureTap",
+    "distillation_loss",
 ]

@@ -150,6 +150,12 @@ if compiled():
         "linfusion_ops::layer_norm_leaky_relu", _layer_norm_backward,
         setup_context=_layer_norm_setup_context,
     )
+    # Under autocast the op runs in fp32, as F.layer_norm does: in mixed-precision training the
+    # kernel MLP's LayerNorm keeps fp32 weights while its input (a Linear's output) is fp16/bf16.
+    for _device_type in ("cpu", "cuda"):
+        torch.library.register_autocast(
+            "linfusion_ops::layer_norm_leaky_relu", _device_type, torch.float32
+        )
 
     def _merge_setup_context(ctx, inputs, output):
         embeds, keep, segment_ids, num_prompts, max_tokens, pad = inputs

@@ -193,3 +193,25 @@ def test_backward_bad_input(device):
     for args, message in cases:
         with pytest.raises(RuntimeError, match=re.escape(message)):
             BACKWARD_OP(*args, 0.01)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_runs_in_fp32(device, dtype):
+    """Mixed-precision training: a low-precision x (a Linear's output under autocast) with the
+    LayerNorm's fp32 weights runs in fp32, like F.layer_norm, and is differentiable in all three."""
+    x, weight, bias = (t.requires_grad_() for t in _make((6, 40), device, torch.float32, 70))
+    x_lowp = x.to(dtype)
+    with torch.autocast(torch.device(device).type, dtype=dtype):
+        out = linfusion_ops.layer_norm_leaky_relu(x_lowp, weight, bias)
+    assert out.dtype == torch.float32
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, weight, bias), grad_out)
+    x32 = x_lowp.detach().float().requires_grad_()
+    ref = reference.layer_norm_leaky_relu(x32, weight, bias, eps=1e-5, negative_slope=0.01)
+    ref_grads = torch.autograd.grad(ref, (x32, weight, bias), grad_out)
+    assert_close_lowp(out, ref, ref, default_floor(torch.float32))
+    # x's gradient comes back through the autocast cast in x's dtype.
+    for name, g, rg in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+        tol = default_floor(dtype) if name == "dx" else default_floor(torch.float32)
+        assert_close_lowp(g, rg, rg, tol * _scale(rg), name)

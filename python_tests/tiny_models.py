@@ -215,3 +215,26 @@ def tiny_t5_encoder(vocab_size, d_model=24, seed=11):
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )
     return T5EncoderModel(config).eval()
+
+
+def write_captioned_images(folder, sizes=((24, 20), (20, 28), (16, 16), (30, 18)), captions="txt", seed=0):
+    """Random RGB images of the given (width, height) sizes in `folder`, captioned in a .txt file
+    beside each image (captions="txt") or in a metadata.jsonl (captions="jsonl", the layout that
+    datasets' imagefolder reads). Returns [(file name, caption)]."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    written = []
+    for i, (width, height) in enumerate(sizes):
+        pixels = torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8)
+        name = f"img{i}.png"
+        Image.fromarray(pixels.numpy()).save(folder / name)
+        caption = " ".join(string.ascii_lowercase[(i + j) % 26] * 2 for j in range(3))
+        if captions == "txt":
+            (folder / f"img{i}.txt").write_text(caption)
+        written.append((name, caption))
+    if captions == "jsonl":
+        lines = [json.dumps({"file_name": name, "text": caption}) for name, caption in written]
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return written
