@@ -101,17 +101,30 @@ def test_device_assert_names_the_failing_thread_and_message():
         emulated.run_selftest("device_assert")
 
 
-def test_missing_barrier_gives_schedule_dependent_results(flavour):
+def test_missing_barrier_gives_schedule_dependent_results():
     """The schedule check's premise: without the barrier, forward and reverse thread orders see
     different neighbours' values; each order on its own is reproducible."""
+    skip_or_fail_without_emu("fast")
     results = {}
     for schedule in ("forward", "reverse", "forward"):
-        with emulated.settings(schedule=schedule):
-            result = emulated.run_selftest("schedule_dependent", flavour)
+        with emulated.settings(schedule=schedule, flavour="fast"):
+            result = emulated.run_selftest("schedule_dependent", "fast")
         if schedule in results:
             assert torch.equal(result, results[schedule]), f"{schedule} is not reproducible"
         results[schedule] = result
     assert not torch.equal(results["forward"], results["reverse"])
+
+
+def test_checked_flavour_reports_the_missing_barrier():
+    """The same kernel under the checked flavour: the race detector names the missing barrier
+    whatever the schedule."""
+    skip_or_fail_without_emu("checked")
+    for schedule in ("forward", "reverse"):
+        with emulated.settings(schedule=schedule, flavour="checked"):
+            with pytest.raises(RuntimeError, match=r"shared-memory race \(write-read\)|read of "
+                               r"uninitialized shared memory") as info:
+                emulated.run_selftest("schedule_dependent", "checked")
+        assert "schedule_dependent_kernel" in str(info.value)
 
 
 def test_settings_are_restored():
