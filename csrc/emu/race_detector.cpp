@@ -159,7 +159,8 @@ void race_detector_begin_launch(const std::vector<SmemRange>& ranges) {
 }  // namespace linfusion_ops
 
 // ---------------------------------------------------------------------------------------------
-// The hooks GCC's -fsanitize=thread emits calls to.
+// The hooks GCC's -fsanitize=thread emits calls to. The "unaligned" accesses are ones the compiler
+// cannot prove aligned: on a GPU a misaligned one faults all the same, so they are checked too.
 namespace emu = linfusion_ops::emu;
 
 LINFUSION_EMU_HOOK void __tsan_init() {}
@@ -176,11 +177,10 @@ LINFUSION_EMU_HOOK void __tsan_vptr_read(void**) {}
     emu::access(reinterpret_cast<uintptr_t>(p), N, true, true, __builtin_return_address(0)); \
   }                                                                                        \
   LINFUSION_EMU_HOOK void __tsan_unaligned_read##N(void* p) {                              \
-    emu::access(reinterpret_cast<uintptr_t>(p), N, false, false,                           \
-                __builtin_return_address(0));                                              \
+    emu::access(reinterpret_cast<uintptr_t>(p), N, false, true, __builtin_return_address(0)); \
   }                                                                                        \
   LINFUSION_EMU_HOOK void __tsan_unaligned_write##N(void* p) {                             \
-    emu::access(reinterpret_cast<uintptr_t>(p), N, true, false, __builtin_return_address(0)); \
+    emu::access(reinterpret_cast<uintptr_t>(p), N, true, true, __builtin_return_address(0)); \
   }                                                                                        \
   LINFUSION_EMU_HOOK void __tsan_volatile_read##N(void* p) {                               \
     emu::access(reinterpret_cast<uintptr_t>(p), N, false, true, __builtin_return_address(0)); \
@@ -194,11 +194,18 @@ LINFUSION_EMU_ACCESS_HOOKS(4)
 LINFUSION_EMU_ACCESS_HOOKS(8)
 LINFUSION_EMU_ACCESS_HOOKS(16)
 
+// GCC also reports a scalar access it knows to be misaligned as a range: a power-of-two size up
+// to 16 bytes must then be aligned to it.
+LINFUSION_EMU_NO_TSAN inline bool scalar_size(unsigned long size) {
+  return size <= 16 && (size & (size - 1)) == 0;
+}
 LINFUSION_EMU_HOOK void __tsan_read_range(void* p, unsigned long size) {
-  emu::access(reinterpret_cast<uintptr_t>(p), size, false, false, __builtin_return_address(0));
+  emu::access(reinterpret_cast<uintptr_t>(p), size, false, scalar_size(size),
+              __builtin_return_address(0));
 }
 LINFUSION_EMU_HOOK void __tsan_write_range(void* p, unsigned long size) {
-  emu::access(reinterpret_cast<uintptr_t>(p), size, true, false, __builtin_return_address(0));
+  emu::access(reinterpret_cast<uintptr_t>(p), size, true, scalar_size(size),
+              __builtin_return_address(0));
 }
 
 // Atomics (c10's reference counts, std::atomic in torch's headers): performed sequentially

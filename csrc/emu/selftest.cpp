@@ -142,10 +142,10 @@ __global__ void uninitialized_smem_read_kernel(float* out) {
 
 __global__ void misaligned_access_kernel(float* out) {
   __shared__ __align__(16) unsigned char bytes[64];
-  float* word = reinterpret_cast<float*>(bytes + 2 + threadIdx.x * 0);
+  float* word = reinterpret_cast<float*>(bytes + 2);
   if (threadIdx.x == 0) *word = 1.f;
   __syncthreads();
-  out[threadIdx.x] = 1.f;
+  out[threadIdx.x] = *word;
 }
 
 // A missing barrier between the write and the neighbour's read: the result depends on the
