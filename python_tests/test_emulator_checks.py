@@ -192,23 +192,33 @@ def _merge_case(segments, channels, dtype, pad_per_slot):
 
 
 REAL_KERNEL_CASES = {
-    # Linear attention: the four tensor-core kernels at DP = 48 (vector and scalar loads) and 160
-    # (8-warp backward), and the generic ones (split-N partials with mask and scratch weights,
-    # the per-token kernels, the partials reduction) in fp32 and fp64.
+    # Linear attention: the four tensor-core kernels at every padded head dim (DP = 48 with vector
+    # and with scalar loads), and the generic ones (split-N partials with mask and scratch
+    # weights, the per-token kernels, the partials reduction) in fp32 up to D = 256 and fp64.
     "linear_attention_tc_bf16_d40": _linear_attention_case(torch.bfloat16, 40),
     "linear_attention_tc_fp16_d17": _linear_attention_case(torch.float16, 17),
+    "linear_attention_tc_bf16_d64": _linear_attention_case(torch.bfloat16, 64),
+    "linear_attention_tc_fp16_d80": _linear_attention_case(torch.float16, 80),
+    "linear_attention_tc_bf16_d128": _linear_attention_case(torch.bfloat16, 128, nq=20, nk=40),
     "linear_attention_tc_bf16_d160": _linear_attention_case(torch.bfloat16, 160, nq=20, nk=40),
     "linear_attention_generic_fp32_d24": _linear_attention_case(torch.float32, 24),
+    "linear_attention_generic_fp32_d256": _linear_attention_case(torch.float32, 256, nq=20, nk=40),
     "linear_attention_generic_fp64_d72": _linear_attention_case(torch.float64, 72, nq=20, nk=40,
                                                                  masked=False),
-    # LayerNorm: register path with row groups of 4 (shuffles only) and 128 threads (shared-memory
-    # reduction), the generic path (misaligned, fp64), and the column sums.
+    # LayerNorm: register path with every row-group width (4 to 32: shuffles only; 64 and 128:
+    # a shared-memory reduction), the generic path (misaligned, fp64), and the column sums.
     "layer_norm_register_fp32_c40": _layer_norm_case((37, 40), torch.float32),
+    "layer_norm_register_fp16_c80": _layer_norm_case((11, 80), torch.float16),
+    "layer_norm_register_fp32_c200": _layer_norm_case((7, 200), torch.float32),
+    "layer_norm_register_bf16_c320": _layer_norm_case((5, 320), torch.bfloat16),
+    "layer_norm_register_fp32_c768": _layer_norm_case((3, 768), torch.float32),
     "layer_norm_register_bf16_c1280": _layer_norm_case((9, 1280), torch.bfloat16),
     "layer_norm_generic_bf16_misaligned": _layer_norm_case((21, 80), torch.bfloat16, offset=1),
     "layer_norm_generic_fp64": _layer_norm_case((13, 33), torch.float64),
-    # merge_segments: plan (more than 1024 segments), 16-byte and 2-byte copies, both pads.
+    # merge_segments: plan (more than 1024 segments), 16-, 8-, 4- and 2-byte copies, both pads.
     "merge_uint4_pad_row": _merge_case(1100, 8, torch.float32, False),
+    "merge_uint64_pad_row": _merge_case(20, 1, torch.float64, False),
+    "merge_uint32_pad_per_slot": _merge_case(20, 33, torch.float32, True),
     "merge_uint16_pad_per_slot": _merge_case(30, 33, torch.bfloat16, True),
 }
 
