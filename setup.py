@@ -2,6 +2,9 @@
 
 Environment:
   LINFUSION_OPS_CUDA=0     CPU-only build even when a CUDA toolkit is present.
+  LINFUSION_OPS_CUDA_EMU   1: also build linfusion_ops._C_emu, the CUDA kernels compiled by the
+                           host compiler against the emulator of csrc/emu/ (no toolkit needed);
+                           checked: that and linfusion_ops._C_emu_checked, with the race detector.
   TORCH_CUDA_ARCH_LIST     archs to compile, e.g. "9.0" or "8.0;9.0". Default: the visible GPUs'
                            archs, or "8.0;9.0" (Ampere, Hopper) when no GPU is visible.
   MAX_JOBS                 parallel compile jobs (ninja).
@@ -116,12 +119,54 @@ def extensions():
                           extra_link_args=["-fopenmp"])]
 
 
+EMU_FLAVOURS = {"0": [], "": [], "1": ["fast"], "checked": ["fast", "checked"]}
+
+
+def emu_flavours():
+    value = os.environ.get("LINFUSION_OPS_CUDA_EMU", "0").strip().lower()
+    if value not in EMU_FLAVOURS:
+        raise SystemExit(f"LINFUSION_OPS_CUDA_EMU must be 0, 1 or checked, got {value!r}")
+    return EMU_FLAVOURS[value]
+
+
+def emu_units(flavour):
+    units = sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/emu/runtime.cpp", "csrc/emu/selftest.cpp",
+                                                   "csrc/emu/module.cpp"]
+    return units + (["csrc/emu/race_detector.cpp"] if flavour == "checked" else [])
+
+
+def emu_extension(flavour):
+    """linfusion_ops._C_emu[_checked]: every translation unit of csrc/cuda plus the emulator, by the
+    host compiler. Each unit is compiled through a one-line wrapper under build/ (one folder per
+    flavour, so that the flavours' objects differ and ninja rebuilds only the units that changed)."""
+    suffix = "" if flavour == "fast" else "_" + flavour
+    wrappers = ROOT / "build" / "emu_sources" / flavour
+    wrappers.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for unit in emu_units(flavour):
+        wrapper = wrappers / (Path(unit).stem + ".cpp")
+        text = f'#include "{ROOT / unit}"\n'
+        if not wrapper.exists() or wrapper.read_text() != text:
+            wrapper.write_text(text)
+        sources.append(str(wrapper.relative_to(ROOT)))
+    flags = ["-std=c++20", "-fvisibility=hidden", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
+             "-DLINFUSION_OPS_EMU", f"-DLINFUSION_OPS_EMU_NAMESPACE=linfusion_ops_emu{suffix}"]
+    if flavour == "checked":
+        # The kernels' memory accesses call the __tsan_* hooks of race_detector.cpp (not libtsan).
+        flags += ["-O1", "-g1", "-fsanitize=thread", "-DLINFUSION_OPS_EMU_CHECKED"]
+    else:
+        flags += ["-O2", "-g0"]  # no debug info: a third of the compile time
+    return CppExtension(f"linfusion_ops._C_emu{suffix}", sources,
+                        include_dirs=[str(ROOT / "csrc" / "emu" / "include"), str(ROOT / "csrc")],
+                        extra_compile_args={"cxx": flags})
+
+
 setup(
     name="linfusion_ops",
     version=VERSION,
     description="CUDA and C++ kernels for LinFusion linear attention and LongAlign long prompts",
     packages=find_packages(include=["linfusion_ops", "linfusion_ops.*"]),
-    ext_modules=extensions(),
+    ext_modules=extensions() + [emu_extension(f) for f in emu_flavours()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],

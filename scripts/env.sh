@@ -4,6 +4,9 @@
 #
 #   VENV=path                 where the environment lives (default: .venv in the repository)
 #   LINFUSION_OPS_CUDA=0      CPU-only build; TORCH_CUDA_ARCH_LIST, MAX_JOBS as for setup.py
+#   LINFUSION_OPS_CUDA_EMU=1  also build the CUDA emulation module linfusion_ops._C_emu (the CUDA
+#                             kernels on CPU tensors, for the emu tests); "checked" also builds
+#                             its race-detecting flavour _C_emu_checked (see README)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
@@ -26,13 +29,25 @@ if ! python -c "import pytest, ninja, diffusers, transformers, tqdm, matplotlib,
 fi
 
 cd "$ROOT"
-# Rebuild only when a source or the build script is newer than the module.
-so=$(ls linfusion_ops/_C*.so 2>/dev/null | head -n 1 || true)
-if [ -z "$so" ] || [ -n "$(find csrc setup.py -newer "$so" -type f 2>/dev/null | head -n 1)" ]; then
+# Rebuild only when a module is missing or a source or the build script is newer than it.
+modules=(_C)
+case "${LINFUSION_OPS_CUDA_EMU:-0}" in
+  0) ;;
+  checked) modules+=(_C_emu _C_emu_checked) ;;
+  *) modules+=(_C_emu) ;;
+esac
+rebuild=""
+for module in "${modules[@]}"; do
+  so=$(ls linfusion_ops/"$module".*.so 2>/dev/null | head -n 1 || true)
+  if [ -z "$so" ] || [ -n "$(find csrc setup.py -newer "$so" -type f 2>/dev/null | head -n 1)" ]; then
+    rebuild=1
+  fi
+done
+if [ -n "$rebuild" ]; then
   # The compiler's output (one line per source, toolkit warnings) goes to a log, shown on failure.
   log="$ROOT/build/build_ext.log"
   mkdir -p "$ROOT/build"
-  echo "== building linfusion_ops._C (MAX_JOBS=${MAX_JOBS:-$(nproc)}, log: build/build_ext.log)"
+  echo "== building ${modules[*]} (MAX_JOBS=${MAX_JOBS:-$(nproc)}, log: build/build_ext.log)"
   start=$(date +%s)
   if ! MAX_JOBS="${MAX_JOBS:-$(nproc)}" python setup.py -q build_ext --inplace >"$log" 2>&1; then
     tail -n 40 "$log"
@@ -41,4 +56,6 @@ if [ -z "$so" ] || [ -n "$(find csrc setup.py -newer "$so" -type f 2>/dev/null |
   fi
   echo "== built in $(( $(date +%s) - start )) s"
 fi
-python -c "import linfusion_ops; print('linfusion_ops build:', linfusion_ops.build_info())"
+python -c "import linfusion_ops; from linfusion_ops import emulated
+print('linfusion_ops build:', linfusion_ops.build_info())
+print('CUDA emulation built:', {f: emulated.available(f) for f in emulated.FLAVOURS})"

@@ -435,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_leaky_relu_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
     double negative_slope) {
   const int64_t channels = check_layer_norm_args(x, weight, bias, eps);
-  TORCH_CHECK(x.is_cuda(), "linfusion_ops: x must be a CUDA tensor, got ", x.device());
+  check_kernel_device(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor wc = weight.contiguous();
@@ -458,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_leaky_relu_cuda(
         const auto kernel = layer_norm_leaky_relu_kernel<scalar_t, kThreadsPerRow>;
         const int64_t blocks = cuda_rowwise::grid_stride_blocks(
             kernel, kBlockThreads, (rows + L::kRowsPerBlock - 1) / L::kRowsPerBlock);
-        kernel<<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(
+        launch_kernel(kernel, static_cast<unsigned>(blocks), kBlockThreads, 0, stream,
             xc.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(),
             bc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
             mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), rows,
@@ -474,7 +474,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_leaky_relu_cuda(
       const auto kernel = layer_norm_leaky_relu_generic_kernel<scalar_t, acc_t>;
       const int64_t blocks = cuda_rowwise::grid_stride_blocks(
           kernel, kBlockThreads, (rows + kBlockWarps - 1) / kBlockWarps);
-      kernel<<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(
+      launch_kernel(kernel, static_cast<unsigned>(blocks), kBlockThreads, 0, stream,
           xc.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(),
           bc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
           mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), rows, channels,
@@ -492,7 +492,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_leaky_relu_backward_cu
     const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& rstd,
     double negative_slope) {
   const int64_t channels = check_layer_norm_backward_args(grad_out, x, weight, bias, mean, rstd);
-  TORCH_CHECK(x.is_cuda(), "linfusion_ops: x must be a CUDA tensor, got ", x.device());
+  check_kernel_device(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor gc = grad_out.contiguous();
   const at::Tensor xc = x.contiguous();
@@ -522,7 +522,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_leaky_relu_backward_cu
         at::Tensor partials = at::empty({2, blocks, channels}, x.options().dtype(at::kFloat));
         float* partial_weight = partials.mutable_data_ptr<float>();
         float* partial_bias = partial_weight + blocks * channels;
-        kernel<<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(
+        launch_kernel(kernel, static_cast<unsigned>(blocks), kBlockThreads, 0, stream,
             gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
             wc.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(),
             mc.const_data_ptr<float>(), rc.const_data_ptr<float>(),
@@ -550,7 +550,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_leaky_relu_backward_cu
       at::Tensor partials = at::zeros({2, warps, channels}, x.options().dtype(mean.scalar_type()));
       acc_t* partial_weight = partials.mutable_data_ptr<acc_t>();
       acc_t* partial_bias = partial_weight + warps * channels;
-      kernel<<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(
+      launch_kernel(kernel, static_cast<unsigned>(blocks), kBlockThreads, 0, stream,
           gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
           wc.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(),
           mc.const_data_ptr<acc_t>(), rc.const_data_ptr<acc_t>(),
@@ -568,7 +568,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_leaky_relu_backward_cu
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(linfusion_ops, CUDA, m) {
+LINFUSION_OPS_CUDA_IMPL(m) {
   m.impl("layer_norm_leaky_relu", &layer_norm_leaky_relu_cuda);
   m.impl("layer_norm_leaky_relu_backward", &layer_norm_leaky_relu_backward_cuda);
 }

@@ -138,8 +138,8 @@ template <typename acc_t>
 void reduce_partials(const Partials& p, at::Tensor& outer, at::Tensor& sum, const int64_t* kept,
                      bool scale_by_inverse_kept, cudaStream_t stream) {
   const int64_t per_head = (int64_t(p.dx) * p.dy + p.dx + kReduceThreads - 1) / kReduceThreads;
-  linear_attention_reduce_partials_kernel<acc_t>
-      <<<grid_size(p.batch_heads * per_head), kReduceThreads, 0, stream>>>(
+  launch_kernel(linear_attention_reduce_partials_kernel<acc_t>,
+                grid_size(p.batch_heads * per_head), kReduceThreads, 0, stream,
           p.outer.data_ptr<acc_t>(), p.sum.data_ptr<acc_t>(), outer.data_ptr<acc_t>(),
           sum.data_ptr<acc_t>(), kept, p.split.tokens, p.heads, p.dx, p.dy, p.ld_x, p.ld_y,
           p.split.count, scale_by_inverse_kept, per_head);
@@ -155,11 +155,13 @@ struct PartialGenericByFeatureMap {
   template <FeatureMap F>
   void operator()() const {
     if (weights == RowWeights::kMask) {
-      linear_attention_partial_generic_kernel<scalar_t, acc_t, F, RowWeights::kMask>
-          <<<grid_size(blocks), kGenericThreads, 0, stream>>>(args);
+      launch_kernel(
+          linear_attention_partial_generic_kernel<scalar_t, acc_t, F, RowWeights::kMask>,
+          grid_size(blocks), kGenericThreads, 0, stream, args);
     } else {
-      linear_attention_partial_generic_kernel<scalar_t, acc_t, F, RowWeights::kScratch>
-          <<<grid_size(blocks), kGenericThreads, 0, stream>>>(args);
+      launch_kernel(
+          linear_attention_partial_generic_kernel<scalar_t, acc_t, F, RowWeights::kScratch>,
+          grid_size(blocks), kGenericThreads, 0, stream, args);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -204,14 +206,14 @@ struct TokenGenericByFeatureMap {
   void operator()() const {
     const unsigned blocks = grid_size(generic_token_blocks<acc_t>(args.batch_heads, args.tokens));
     if constexpr (K == TokenKernel::kApply) {
-      linear_attention_apply_generic_kernel<scalar_t, acc_t, F>
-          <<<blocks, kGenericThreads, 0, stream>>>(args);
+      launch_kernel(linear_attention_apply_generic_kernel<scalar_t, acc_t, F>, blocks,
+                    kGenericThreads, 0, stream, args);
     } else if constexpr (K == TokenKernel::kApplyBackward) {
-      linear_attention_apply_backward_generic_kernel<scalar_t, acc_t, F>
-          <<<blocks, kGenericThreads, 0, stream>>>(args);
+      launch_kernel(linear_attention_apply_backward_generic_kernel<scalar_t, acc_t, F>, blocks,
+                    kGenericThreads, 0, stream, args);
     } else {
-      linear_attention_state_backward_generic_kernel<scalar_t, acc_t, F>
-          <<<blocks, kGenericThreads, 0, stream>>>(args);
+      launch_kernel(linear_attention_state_backward_generic_kernel<scalar_t, acc_t, F>, blocks,
+                    kGenericThreads, 0, stream, args);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -479,7 +481,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_apply_backward_c
 }  // namespace la_cuda
 }  // namespace linfusion_ops
 
-TORCH_LIBRARY_IMPL(linfusion_ops, CUDA, m) {
+LINFUSION_OPS_CUDA_IMPL(m) {
   m.impl("linear_attention_state", &linfusion_ops::la_cuda::linear_attention_state_cuda);
   m.impl("linear_attention_state_backward",
          &linfusion_ops::la_cuda::linear_attention_state_backward_cuda);

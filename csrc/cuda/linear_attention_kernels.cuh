@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cuda/launch.cuh"
 
 namespace linfusion_ops {
 namespace la_cuda {
@@ -802,7 +803,7 @@ __global__ void __launch_bounds__(kTcApplyWarps* kWarpSize)
   using T = typename TcType<scalar_t>::type;
   using Shape = TcApplyShape<DP>;
   constexpr int TOK = Shape::kTokens;
-  extern __shared__ __align__(128) unsigned char smem[];
+  LINFUSION_OPS_DYNAMIC_SMEM(unsigned char, smem);
   T* s_hi = reinterpret_cast<T*>(smem);                                    // DP x kCols
   T* s_lo = reinterpret_cast<T*>(smem + Shape::kHalfBytes);                // DP x kCols
   T* s_q = reinterpret_cast<T*>(smem + 2 * Shape::kHalfBytes);             // TOK x DP
@@ -888,7 +889,7 @@ __global__ void __launch_bounds__(kTcBackwardWarps* kWarpSize)
   using T = typename TcType<scalar_t>::type;
   using Shape = TcApplyBackwardShape<DP>;
   constexpr int TOK = Shape::kTokens, LDT = Shape::kLdT, LDP = Shape::kLdP, LDR = Shape::kLdR;
-  extern __shared__ __align__(128) unsigned char smem[];
+  LINFUSION_OPS_DYNAMIC_SMEM(unsigned char, smem);
   unsigned char* cursor = smem;
   T* s_hi = reinterpret_cast<T*>(cursor);  // DP x kCols: [S | z], high half
   cursor += Shape::kHalfBytes;
@@ -1002,7 +1003,7 @@ __global__ void __launch_bounds__(kTcApplyWarps* kWarpSize)
   using T = typename TcType<scalar_t>::type;
   using Shape = TcStateBackwardShape<DP>;
   constexpr int TOK = Shape::kTokens, LDT = Shape::kLdT, LDP = Shape::kLdP;
-  extern __shared__ __align__(128) unsigned char smem[];
+  LINFUSION_OPS_DYNAMIC_SMEM(unsigned char, smem);
   unsigned char* cursor = smem;
   T* s_hi = reinterpret_cast<T*>(cursor);  // DP x DP: dS, high half
   cursor += Shape::kHalfBytes;

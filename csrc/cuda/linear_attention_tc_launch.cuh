@@ -25,7 +25,7 @@ void launch_split_kernel(Kernel kernel, int threads, size_t smem_bytes, int64_t 
   const int64_t blocks = batch_heads * split.count;
   TORCH_CHECK(blocks > 0 && blocks <= INT32_MAX, "linfusion_ops: launch needs ", blocks,
               " blocks, beyond CUDA's grid limit");
-  kernel<<<static_cast<unsigned>(blocks), threads, smem_bytes, stream>>>(args...);
+  launch_kernel(kernel, static_cast<unsigned>(blocks), threads, smem_bytes, stream, args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -266,7 +266,7 @@ MergePlan plan_merge(const at::Tensor& keep, const at::Tensor& segment_ids, cons
   MergePlan plan{at::empty({dims.segments * dims.length}, long_options),
                  at::empty({dims.prompts}, long_options)};
   int64_t* counts = scratch.mutable_data_ptr<int64_t>();
-  merge_segments_plan_kernel<<<1, kPlanThreads, 0, stream>>>(
+  launch_kernel(merge_segments_plan_kernel, 1, kPlanThreads, 0, stream,
       keep.const_data_ptr<bool>(), segment_ids.const_data_ptr<int64_t>(), dims.segments,
       dims.length, dims.prompts, dims.tokens, counts, counts + dims.segments,
       counts + 2 * dims.segments, plan.slot_of.mutable_data_ptr<int64_t>(),
@@ -309,8 +309,7 @@ std::tuple<at::Tensor, at::Tensor> merge_segments_cuda(const at::Tensor& embeds,
                                                        int64_t num_prompts, int64_t max_tokens,
                                                        const at::Tensor& pad) {
   const MergeDims dims = check_merge_args(embeds, keep, segment_ids, num_prompts, max_tokens, pad);
-  TORCH_CHECK(embeds.is_cuda(), "linfusion_ops: embeds must be a CUDA tensor, got ",
-              embeds.device());
+  check_kernel_device(embeds, "embeds");
   const c10::cuda::CUDAGuard guard(embeds.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor embeds_c = embeds.contiguous();
@@ -329,8 +328,8 @@ std::tuple<at::Tensor, at::Tensor> merge_segments_cuda(const at::Tensor& embeds,
                      {embeds_c.const_data_ptr(), pad_c.const_data_ptr(), merged.const_data_ptr()},
                      [&](auto unit) {
     using Unit = decltype(unit);
-    merge_segments_kernel<Unit><<<static_cast<unsigned>(copy_blocks(tasks)), kCopyThreads, 0,
-                                  stream>>>(
+    launch_kernel(merge_segments_kernel<Unit>,
+                  static_cast<unsigned>(copy_blocks(tasks)), kCopyThreads, 0, stream,
         static_cast<const Unit*>(embeds_c.const_data_ptr()), ids_c.const_data_ptr<int64_t>(),
         plan.slot_of.const_data_ptr<int64_t>(), plan.lengths.const_data_ptr<int64_t>(),
         static_cast<const Unit*>(pad_c.const_data_ptr()), pad_c.dim() == 2, dims.length,
@@ -352,8 +351,7 @@ std::tuple<at::Tensor, at::Tensor> merge_segments_backward_cuda(const at::Tensor
                                                                 const at::Tensor& lengths,
                                                                 bool pad_per_slot) {
   const MergeDims dims = check_merge_backward_args(grad_merged, keep, segment_ids, lengths);
-  TORCH_CHECK(grad_merged.is_cuda(), "linfusion_ops: grad_merged must be a CUDA tensor, got ",
-              grad_merged.device());
+  check_kernel_device(grad_merged, "grad_merged");
   const c10::cuda::CUDAGuard guard(grad_merged.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor grad_c = grad_merged.contiguous();
@@ -372,8 +370,8 @@ std::tuple<at::Tensor, at::Tensor> merge_segments_backward_cuda(const at::Tensor
     dispatch_copy_unit(element_size, row_bytes,
                        {grad_c.const_data_ptr(), grad_embeds.const_data_ptr()}, [&](auto unit) {
       using Unit = decltype(unit);
-      merge_segments_gather_grad_kernel<Unit>
-          <<<static_cast<unsigned>(copy_blocks(token_rows)), kCopyThreads, 0, stream>>>(
+      launch_kernel(merge_segments_gather_grad_kernel<Unit>,
+                    static_cast<unsigned>(copy_blocks(token_rows)), kCopyThreads, 0, stream,
               static_cast<const Unit*>(grad_c.const_data_ptr()), ids_c.const_data_ptr<int64_t>(),
               plan.slot_of.const_data_ptr<int64_t>(), dims.length, dims.tokens,
               row_bytes / static_cast<int64_t>(sizeof(Unit)), token_rows,
@@ -390,8 +388,8 @@ std::tuple<at::Tensor, at::Tensor> merge_segments_backward_cuda(const at::Tensor
                                   "merge_segments_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (pad_per_slot) {
-      merge_segments_pad_grad_kernel<scalar_t, scalar_t>
-          <<<static_cast<unsigned>(pad_blocks), kCopyThreads, 0, stream>>>(
+      launch_kernel(merge_segments_pad_grad_kernel<scalar_t, scalar_t>,
+                    static_cast<unsigned>(pad_blocks), kCopyThreads, 0, stream,
               grad_c.const_data_ptr<scalar_t>(), plan.lengths.const_data_ptr<int64_t>(),
               dims.prompts, dims.tokens, dims.channels, grad_pad.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -399,8 +397,8 @@ std::tuple<at::Tensor, at::Tensor> merge_segments_backward_cuda(const at::Tensor
       at::Tensor slot_sums =
           at::empty({dims.tokens, dims.channels},
                     grad_merged.options().dtype(accumulate_dtype(grad_merged.scalar_type())));
-      merge_segments_pad_grad_kernel<scalar_t, acc_t>
-          <<<static_cast<unsigned>(pad_blocks), kCopyThreads, 0, stream>>>(
+      launch_kernel(merge_segments_pad_grad_kernel<scalar_t, acc_t>,
+                    static_cast<unsigned>(pad_blocks), kCopyThreads, 0, stream,
               grad_c.const_data_ptr<scalar_t>(), plan.lengths.const_data_ptr<int64_t>(),
               dims.prompts, dims.tokens, dims.channels, slot_sums.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -413,7 +411,7 @@ std::tuple<at::Tensor, at::Tensor> merge_segments_backward_cuda(const at::Tensor
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(linfusion_ops, CUDA, m) {
+LINFUSION_OPS_CUDA_IMPL(m) {
   m.impl("merge_segments", &merge_segments_cuda);
   m.impl("merge_segments_backward", &merge_segments_backward_cuda);
 }

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "cuda/launch.cuh"
+
 namespace linfusion_ops {
 namespace cuda_rowwise {
 
@@ -119,9 +121,9 @@ template <typename acc_t, typename out_t>
 inline void launch_column_sum(const acc_t* parts, int64_t num_parts, int64_t columns, out_t* out) {
   if (columns == 0) return;
   const int64_t blocks = (columns + kColumnSumColumns - 1) / kColumnSumColumns;
-  column_sum_kernel<acc_t, out_t>
-      <<<static_cast<unsigned>(blocks), dim3(kColumnSumColumns, kColumnSumSlices), 0,
-         at::cuda::getCurrentCUDAStream()>>>(parts, num_parts, columns, out);
+  launch_kernel(column_sum_kernel<acc_t, out_t>, static_cast<unsigned>(blocks),
+                dim3(kColumnSumColumns, kColumnSumSlices), 0, at::cuda::getCurrentCUDAStream(), parts,
+                num_parts, columns, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

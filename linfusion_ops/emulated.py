@@ -1,0 +1,233 @@
+"""linfusion_ops' CUDA kernels, emulated on CPU tensors.
+
+The emulation build compiles the unchanged kernels of csrc/cuda with the host compiler against
+the emulator of csrc/emu/ (threads are fibers, blocks run one after another, __syncthreads and
+warp collectives are checked rendezvous points, WMMA tiles are computed exactly) into
+linfusion_ops._C_emu, whose ops are torch.ops.linfusion_ops_emu.*; the checked flavour,
+linfusion_ops._C_emu_checked (torch.ops.linfusion_ops_emu_checked.*), adds a shared-memory race
+detector and alignment checks. Build them with
+
+    LINFUSION_OPS_CUDA_EMU=1 python setup.py build_ext --inplace        # fast
+    LINFUSION_OPS_CUDA_EMU=checked python setup.py build_ext --inplace  # fast and checked
+
+The functions below are linfusion_ops' public functions (same signatures and semantics) on CPU
+tensors, running the emulated CUDA kernels, with autograd and fake kernels. The knobs choose the
+emulated device (which kernel paths the launchers pick), the order in which a block's threads
+and a grid's blocks run, and the flavour; launch_log() names the kernels that ran. A kernel bug
+the emulator detects (divergent or unreachable barriers, missing lanes, misaligned WMMA
+arguments, bad launch configurations, device asserts, and in the checked flavour races and
+reads of unwritten shared memory) raises a RuntimeError naming the check, the kernel, the
+source line, the block and the thread.
+
+It proves the kernels' logic (indices, tiles, barriers, paths); it says nothing about timing,
+occupancy, real tensor-core rounding, races between blocks or CUDA graphs.
+"""
+
+import contextlib
+import importlib
+from typing import Dict, Iterator, List, Optional
+
+import torch
+
+from . import ops as _ops
+
+DEVICES = ("H100", "A100", "sm86", "sm75")
+SCHEDULES = ("forward", "reverse", "shuffle")
+FLAVOURS = ("fast", "checked")
+
+_MODULES = {"fast": "linfusion_ops._C_emu", "checked": "linfusion_ops._C_emu_checked"}
+_NAMESPACES = {"fast": "linfusion_ops_emu", "checked": "linfusion_ops_emu_checked"}
+_BUILD_VALUES = {"fast": "1", "checked": "checked"}
+
+_loaded: Dict[str, object] = {}  # flavour -> module, or None when it is not built
+_state = {"device": "H100", "multiprocessor_count": None, "schedule": "forward", "seed": 0, "flavour": "fast"}
+
+
+def _check_flavour(flavour: str) -> None:
+    if flavour not in FLAVOURS:
+        raise ValueError(f"linfusion_ops.emulated: flavour must be one of {FLAVOURS}, got {flavour!r}")
+
+
+def _apply_settings(module) -> None:
+    module.set_device(_state["device"], _state["multiprocessor_count"] or 0)
+    module.set_schedule(_state["schedule"], _state["seed"])
+
+
+def _module(flavour: str):
+    """The flavour's compiled module (loaded, its ops' fake kernels and autograd registered, the
+    current settings applied on first use), or None when it is not built."""
+    _check_flavour(flavour)
+    if flavour not in _loaded:
+        try:
+            module = importlib.import_module(_MODULES[flavour])
+        except ImportError:
+            module = None
+        if module is not None:
+            _ops.register_op_library(_NAMESPACES[flavour])
+            _apply_settings(module)
+        _loaded[flavour] = module
+    return _loaded[flavour]
+
+
+def _require(flavour: str):
+    module = _module(flavour)
+    if module is None:
+        raise RuntimeError(
+            f"linfusion_ops.emulated: the {flavour} emulation module {_MODULES[flavour]} is not built; "
+            f"build it with `LINFUSION_OPS_CUDA_EMU={_BUILD_VALUES[flavour]} python setup.py build_ext "
+            "--inplace` (add LINFUSION_OPS_CUDA=0 where no CUDA toolkit is installed)"
+        )
+    return module
+
+
+def _each_loaded():
+    return [m for m in _loaded.values() if m is not None]
+
+
+def available(flavour: str = "fast") -> bool:
+    """True when the flavour's emulation module ("fast": _C_emu, "checked": _C_emu_checked) is
+    built and loads."""
+    return _module(flavour) is not None
+
+
+def ops(flavour: str = "fast"):
+    """The flavour's op namespace, torch.ops.linfusion_ops_emu[_checked] (for opcheck and direct
+    op calls). Raises RuntimeError, saying how to build it, when the flavour is not built."""
+    _require(flavour)
+    return getattr(torch.ops, _NAMESPACES[flavour])
+
+
+# ---------------------------------------------------------------------------------------------
+# Knobs. They apply to every flavour's module, to the launches that follow.
+def set_device(name: str, *, multiprocessor_count: Optional[int] = None) -> None:
+    """Emulate device profile `name`: "H100" (sm_90, 132 SMs, 227 KB of opt-in shared memory per
+    block; the default), "A100" (sm_80, 108 SMs, 163 KB), "sm86" (sm_86, 84 SMs, 99 KB) or "sm75"
+    (sm_75, 40 SMs, 64 KB). multiprocessor_count overrides the profile's SM count (grid sizes of
+    the grid-stride kernels depend on it)."""
+    if name not in DEVICES:
+        raise ValueError(f"linfusion_ops.emulated: device must be one of {DEVICES}, got {name!r}")
+    if multiprocessor_count is not None and multiprocessor_count < 1:
+        raise ValueError(f"linfusion_ops.emulated: multiprocessor_count must be >= 1, got {multiprocessor_count}")
+    _state["device"], _state["multiprocessor_count"] = name, multiprocessor_count
+    for module in _each_loaded():
+        _apply_settings(module)
+
+
+def set_schedule(order: str, seed: int = 0) -> None:
+    """Run the threads of a block, and the blocks of a grid, in "forward" (index) order, in
+    "reverse" order, or "shuffle"d by a generator seeded with `seed`. Correct kernels give
+    bitwise-equal results under every schedule."""
+    if order not in SCHEDULES:
+        raise ValueError(f"linfusion_ops.emulated: schedule must be one of {SCHEDULES}, got {order!r}")
+    _state["schedule"], _state["seed"] = order, int(seed)
+    for module in _each_loaded():
+        _apply_settings(module)
+
+
+def set_flavour(flavour: str) -> None:
+    """Which module the public functions of this module run: "fast" or "checked"."""
+    _check_flavour(flavour)
+    _state["flavour"] = flavour
+
+
+def current_settings() -> dict:
+    """{"device", "multiprocessor_count" (the effective count), "schedule", "seed", "flavour"}."""
+    settings = dict(_state)
+    if settings["multiprocessor_count"] is None:
+        module = next(iter(_each_loaded()), None)
+        settings["multiprocessor_count"] = module.current_settings()["multiprocessor_count"] if module else None
+    return settings
+
+
+@contextlib.contextmanager
+def settings(
+    device: Optional[str] = None,
+    multiprocessor_count: Optional[int] = None,
+    schedule: Optional[str] = None,
+    seed: Optional[int] = None,
+    flavour: Optional[str] = None,
+) -> Iterator[dict]:
+    """Context manager: the given knobs inside the block (the others unchanged), the previous
+    values restored on exit. Yields current_settings()."""
+    saved = dict(_state)
+    try:
+        if device is not None or multiprocessor_count is not None:
+            set_device(device or _state["device"], multiprocessor_count=multiprocessor_count)
+        if schedule is not None or seed is not None:
+            set_schedule(schedule or _state["schedule"], _state["seed"] if seed is None else seed)
+        if flavour is not None:
+            set_flavour(flavour)
+        yield current_settings()
+    finally:
+        set_device(saved["device"], multiprocessor_count=saved["multiprocessor_count"])
+        set_schedule(saved["schedule"], saved["seed"])
+        set_flavour(saved["flavour"])
+
+
+def launch_log(flavour: Optional[str] = None) -> List[str]:
+    """Demangled names, template arguments included, of the kernels the flavour's module
+    (default: the current flavour) launched since the last clear_launch_log(), in order, e.g.
+    "linfusion_ops::la_cuda::linear_attention_apply_tc_kernel<c10::Half, (linfusion_ops::FeatureMap)0, 64>"."""
+    return list(_require(flavour or _state["flavour"]).launch_log())
+
+
+def clear_launch_log() -> None:
+    """Empties the launch log of every flavour."""
+    for module in _each_loaded():
+        module.clear_launch_log()
+
+
+# ---------------------------------------------------------------------------------------------
+# The emulator's own tests: deliberately broken kernels.
+def selftest_names(flavour: str = "fast") -> List[str]:
+    """Names of the flavour's test kernels: "ok" (correct), one deliberately broken kernel per
+    check of the emulator, the race / alignment ones in the checked flavour only, and
+    "schedule_dependent" (a missing barrier: its output depends on the schedule)."""
+    return list(_require(flavour).selftest_names())
+
+
+def run_selftest(name: str, flavour: str = "fast") -> Optional[torch.Tensor]:
+    """Runs test kernel `name`: a broken one raises the emulator's RuntimeError; "ok" returns
+    None, "schedule_dependent" its (64,) int32 output."""
+    return _require(flavour).run_selftest(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# linfusion_ops' public functions, running the current flavour's emulated kernels.
+def _namespace():
+    return ops(_state["flavour"])
+
+
+def _check_ids_on_host(segment_ids: torch.Tensor) -> bool:
+    # The emulated kernel device-asserts like the CUDA one; the public function checks first.
+    return not torch.compiler.is_compiling()
+
+
+_library = _ops.OpLibrary(_namespace, _check_ids_on_host)
+linear_attention_state = _library.linear_attention_state
+linear_attention_apply = _library.linear_attention_apply
+linear_attention = _library.linear_attention
+layer_norm_leaky_relu = _library.layer_norm_leaky_relu
+merge_segments = _library.merge_segments
+
+__all__ = [
+    "DEVICES",
+    "FLAVOURS",
+    "SCHEDULES",
+    "available",
+    "clear_launch_log",
+    "current_settings",
+    "launch_log",
+    "layer_norm_leaky_relu",
+    "linear_attention",
+    "linear_attention_apply",
+    "linear_attention_state",
+    "merge_segments",
+    "ops",
+    "run_selftest",
+    "selftest_names",
+    "set_device",
+    "set_flavour",
+    "set_schedule",
+    "settings",
+]
