@@ -168,3 +168,41 @@ def tiny_sdxl_pipeline(tok_dir, unet=None):
         unet=unet if unet is not None else make_unet("xl"),
         scheduler=EulerDiscreteScheduler(),
     )
+
+
+def tiny_controlnet(unet, seed=11):
+    """A ControlNet built from `unet` (SD or XL) for tiny_vae's 2x latents, with its zero-initialised
+    output convolutions randomised so that the control image changes the UNet's output."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.1)
+    return controlnet.to(device=unet.device, dtype=unet.dtype).eval()
+
+
+def load_tiny_ip_adapter(unet, clip_dim=12, seed=7):
+    """Loads a random IP-Adapter (4 image tokens from a clip_dim image embedding) into `unet`;
+    pipelines then take ip_adapter_image_embeds=[(B or 2B with CFG, 1, clip_dim) tensor]."""
+    cross = unet.config.cross_attention_dim
+    g = torch.Generator().manual_seed(seed)
+    ip, key_id = {}, 1  # diffusers numbers the weights 1, 3, 5, ... over the cross-attention modules
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            hidden = unet.get_submodule(name[: -len(".processor")]).to_q.out_features
+            ip[f"{key_id}.to_k_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.1
+            ip[f"{key_id}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.1
+            key_id += 2
+    state = {
+        "image_proj": {
+            "proj.weight": torch.randn(4 * cross, clip_dim, generator=g) * 0.1,
+            "proj.bias": torch.zeros(4 * cross),
+            "norm.weight": torch.ones(cross),
+            "norm.bias": torch.zeros(cross),
+        },
+        "ip_adapter": ip,
+    }
+    unet._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
+    return unet
