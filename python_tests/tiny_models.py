@@ -206,3 +206,26 @@ def load_tiny_ip_adapter(unet, clip_dim=12, seed=7):
     }
     unet._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
     return unet
+
+
+def tiny_deep_vae(seed=12, mid_block_add_attention=True):
+    """A 3-level AutoencoderKL (downsampling factor 4, two resnets per level as in the real SD and
+    XL VAEs, SD-XL's scaling factor) with random GroupNorm affines, so that every normalisation's
+    statistics matter."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=2,
+        scaling_factor=0.13025,
+        mid_block_add_attention=mid_block_add_attention,
+    ).eval()
+    with torch.no_grad():
+        for m in vae.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.weight.add_(0.3 * torch.randn_like(m.weight))
+                m.bias.add_(0.3 * torch.randn_like(m.bias))
+    return vae
