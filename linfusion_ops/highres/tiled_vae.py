@@ -50,9 +50,6 @@ from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDis
 from diffusers.models.resnet import Downsample2D, Upsample2D
 
 DEFAULT_TILE_SIZE = 512  # image pixels per tile side, before halos
-# Token blocks of the mid-block attention: a 16384 x 4096 float32 score block is 256 MiB.
-_QUERY_BLOCK = 16384
-_KEY_BLOCK = 4096
 
 
 class _StopTile(Exception):
@@ -191,10 +188,10 @@ class _Segment:
         raise AssertionError("unreachable: the last pass has no GroupNorm to measure")
 
 
-def _global_attention(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+def _global_attention(attn: Attention, x: torch.Tensor, block: int) -> torch.Tensor:
     """The VAE mid-block Attention (AttnProcessor semantics: group_norm, to_q/k/v, softmax,
-    to_out, residual, rescale) on the whole map x (B, C, H, W), for _QUERY_BLOCK queries
-    against _KEY_BLOCK keys at a time with an online softmax; exact up to float rounding.
+    to_out, residual, rescale) on the whole map x (B, C, H, W), for `block` queries
+    against `block` keys at a time with an online softmax; exact up to float rounding.
     The products run in x's dtype (tensor cores for fp16), the softmax in float32."""
     if attn.spatial_norm is not None or attn.norm_q is not None or attn.norm_k is not None or attn.norm_cross:
         raise NotImplementedError("tiled VAE: the mid-block attention may only use group_norm")
@@ -207,7 +204,7 @@ def _global_attention(attn: Attention, x: torch.Tensor) -> torch.Tensor:
     stats = None
     if attn.group_norm is not None:
         stats = _GroupStats()
-        for r0, r1 in blocks(_KEY_BLOCK):
+        for r0, r1 in blocks(block):
             stats.add(x[:, :, r0:r1], attn.group_norm.num_groups)
         stats.finish(attn.group_norm.eps)
 
@@ -219,12 +216,12 @@ def _global_attention(attn: Attention, x: torch.Tensor) -> torch.Tensor:
         return y.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, H, n, D)
 
     out = torch.empty_like(x)
-    for q0, q1 in blocks(_QUERY_BLOCK):
+    for q0, q1 in blocks(block):
         q = projected(attn.to_q, q0, q1) * attn.scale
         peak = torch.full(q.shape[:3], -math.inf, device=x.device)
         total = torch.zeros(q.shape[:3], device=x.device)
         acc = torch.zeros(q.shape, device=x.device)
-        for k0, k1 in blocks(_KEY_BLOCK):
+        for k0, k1 in blocks(block):
             k, v = projected(attn.to_k, k0, k1), projected(attn.to_v, k0, k1)
             scores = torch.matmul(q, k.transpose(-1, -2)).float()
             new_peak = torch.maximum(peak, scores.amax(-1))
@@ -296,6 +293,28 @@ def _plan(vae, direction: str):
     return plan, f
 
 
+def _halos(plan, f):
+    """(segment, its halo in its input's pixels, the same in image pixels, image pixels per
+    input pixel) for each segment of a plan: the receptive radius, rounded up to the crop
+    alignment."""
+    out = []
+    for step in plan:
+        if isinstance(step, _Segment):
+            unit = 1 if step.align > 1 else f
+            radius = math.ceil(step.radius / step.align) * step.align
+            out.append((step, radius, radius * unit, unit))
+    return out
+
+
+def default_halo(vae, direction: str = "decode") -> int:
+    """The smallest (and default) `halo` of tiled_decode (direction="decode") or tiled_encode
+    ("encode") for this VAE, in image pixels: the largest receptive radius of its segments."""
+    if direction not in ("decode", "encode"):
+        raise ValueError(f"default_halo: direction must be 'decode' or 'encode', got {direction!r}")
+    plan, f = _plan(vae, direction)
+    return max(n[2] for n in _halos(plan, f))
+
+
 def _run_tiled(vae, x: torch.Tensor, direction: str, tile_size: Optional[int], halo: Optional[int]) -> torch.Tensor:
     plan, f = _plan(vae, direction)
     tile_size = DEFAULT_TILE_SIZE if tile_size is None else tile_size
@@ -309,12 +328,7 @@ def _run_tiled(vae, x: torch.Tensor, direction: str, tile_size: Optional[int], h
             f"downsampling factor), got {tuple(x.shape[-2:])}"
         )
     # Each segment's halo, in its input's pixels, converted to image pixels for the check.
-    needed = []
-    for step in plan:
-        if isinstance(step, _Segment):
-            unit = 1 if step.align > 1 else f
-            radius = math.ceil(step.radius / step.align) * step.align
-            needed.append((step, radius, radius * unit, unit))
+    needed = _halos(plan, f)
     if halo is not None:
         smallest = max(n[2] for n in needed)
         if isinstance(halo, bool) or not isinstance(halo, int) or halo < smallest:
@@ -332,7 +346,9 @@ def _run_tiled(vae, x: torch.Tensor, direction: str, tile_size: Optional[int], h
                 core = tile_size if step.align > 1 else tile_size // f
                 x = step.run(x, core, halos[id(step)])
             else:
-                x = _global_attention(step, x)
+                # Blocks of one tile's latent tokens: with 512 px tiles, 4096 x 4096 float32
+                # scores (64 MiB) at a time, less than one tile's activations.
+                x = _global_attention(step, x, (tile_size // f) ** 2)
     return x
 
 
@@ -413,4 +429,4 @@ def enable_tiled_vae(vae, *, tile_size: Optional[int] = None, halo: Optional[int
     return TiledVAEHandle(vae, saved)
 
 
-__all__ = ["enable_tiled_vae", "tiled_decode", "tiled_encode", "TiledVAEHandle"]
+__all__ = ["default_halo", "enable_tiled_vae", "tiled_decode", "tiled_encode", "TiledVAEHandle"]
