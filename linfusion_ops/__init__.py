@@ -2,8 +2,8 @@
 LongAlign's segment-level text encoding, as PyTorch custom ops with autograd.
 
 The diffusers integration (LinFusion, LinFusionAttnProcessor), the long-prompt encoder
-(LongPromptEncoder) and linfusion_ops.distributed load on first use, so `import linfusion_ops`
-needs only torch.
+(LongPromptEncoder), the high-resolution pipelines (linfusion_ops.highres) and
+linfusion_ops.distributed load on first use, so `import linfusion_ops` needs only torch.
 """
 
 import importlib
@@ -24,13 +24,17 @@ _LAZY = {
     "LinFusionAttnProcessor": "linfusion_ops.linfusion",
     "LongPromptEncoder": "linfusion_ops.long_prompt",
     "distributed": "linfusion_ops.distributed",
+    "highres": "linfusion_ops.highres",
+    "LinFusionHighResPipeline": "linfusion_ops.highres.pipeline",
+    "LinFusionHighResXLPipeline": "linfusion_ops.highres.pipeline",
 }
+_LAZY_MODULES = ("distributed", "highres")
 
 
 def __getattr__(name):
     if name in _LAZY:
         module = importlib.import_module(_LAZY[name])
-        return module if name == "distributed" else getattr(module, name)
+        return module if name in _LAZY_MODULES else getattr(module, name)
     raise AttributeError(f"module 'linfusion_ops' has no attribute {name!r}")
 
 
@@ -46,4 +50,7 @@ __all__ = [
     "LinFusionAttnProcessor",
     "LongPromptEncoder",
     "distributed",
+    "highres",
+    "LinFusionHighResPipeline",
+    "LinFusionHighResXLPipeline",
 ]

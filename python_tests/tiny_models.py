@@ -171,14 +171,15 @@ def tiny_sdxl_pipeline(tok_dir, unet=None):
 
 
 def tiny_controlnet(unet, seed=11):
-    """A ControlNet built from `unet` (SD or XL) for tiny_vae's 2x latents, with its zero-initialised
-    output convolutions randomised so that the control image changes the UNet's output."""
+    """A ControlNet built from an unmounted `unet` (SD or XL) for tiny_vae's 2x latents, with its
+    zero-initialised convolutions randomised so that the control image changes the UNet's output."""
     from diffusers import ControlNetModel
 
     torch.manual_seed(seed)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
     with torch.no_grad():
-        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+        zero_convs = [controlnet.controlnet_cond_embedding.conv_out, controlnet.controlnet_mid_block]
+        for conv in [*controlnet.controlnet_down_blocks, *zero_convs]:
             conv.weight.normal_(0, 0.1)
     return controlnet.to(device=unet.device, dtype=unet.dtype).eval()
 
