@@ -605,3 +605,37 @@ def test_bad_arguments_raise(tmp_path):
         run(pipe, height=32, width=32, output_type="jpeg")
     with pytest.raises(ValueError, match="upscale_strength"):
         run(pipe, height=32, width=32, upscale_strength=1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory options (linfusion_ops.highres.low_memory and the tiled VAE) inside the pipelines.
+@pytest.mark.parametrize("family", ["sd15", "xl"])
+def test_low_memory_in_the_pipeline_is_exact_and_removable(tmp_path, family):
+    base = sd_highres(tmp_path) if family == "sd15" else xl_highres(tmp_path)
+    pipe = type(base).from_pipe(base, controlnet=tiny_controlnet(make_unet(family)))
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(height=32, width=32, control_image=torch.rand(1, 3, 8, 8), output_type="np")
+    plain = run(pipe, **kwargs).images
+    forwards = {m: m.__dict__.get("forward") for m in [*pipe.unet.modules(), *pipe.controlnet.modules()]}
+    handle = pipe.enable_low_memory(chunked_cfg=True, ff_chunk_size=5, inplace_silu=True, offload_skips=True)
+    assert handle.techniques["chunked_cfg"] and handle.controlnet_techniques is not None
+    low = run(pipe, **kwargs).images
+    np.testing.assert_allclose(low, plain, rtol=0, atol=1e-5)
+    pipe.disable_low_memory()
+    assert {m: m.__dict__.get("forward") for m in forwards} == forwards
+    np.testing.assert_array_equal(run(pipe, **kwargs).images, plain)
+
+
+def test_vae_tiling_in_the_pipeline(tmp_path):
+    pipe = sd_highres(tmp_path)
+    kwargs = dict(height=64, width=64, output_type="np", return_stages=True)
+    plain = run(pipe, **kwargs)
+    decode = pipe.vae.decode
+    pipe.enable_vae_tiling(tile_size=16)
+    assert pipe.vae.decode is not decode
+    tiled = run(pipe, **kwargs)
+    for a, b in zip(tiled.stage_images, plain.stage_images):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-3)
+    pipe.disable_vae_tiling()
+    assert pipe.vae.decode == decode
+    np.testing.assert_array_equal(run(pipe, **kwargs).images, plain.images)
