@@ -448,7 +448,7 @@ def test_stage_stats_count_unet_evaluations(tmp_path):
     # CFG: 2 evaluations per image per pass; DemoFusion: a local and a global pass per step.
     assert [s["unet_evaluations_per_image"] for s in stats] == [8, 8, 4]
     assert [s["unet_calls"] for s in stats] == [4, 4, 2]
-    assert all(s["seconds"] > 0 for s in stats)
+    assert all(s["seconds"] > 0 and s["cpu_seconds"] > 0 for s in stats)
     run(pipe, height=64, width=64, upscale_strength=0.5, method="sdedit", guidance_scale=1.0)
     assert [s["unet_evaluations_per_image"] for s in pipe.stage_stats] == [4, 2, 1]
 
@@ -458,6 +458,11 @@ def test_determinism_per_seed(tmp_path):
     a, b, c = (run(pipe, seed=s, height=32, width=32).images for s in (1, 1, 2))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a, c)
+    # a batch: one generator per image gives each image the run of its own seed
+    batch = pipe("a cat", height=32, width=32, num_inference_steps=4, num_images_per_prompt=2, output_type="latent",
+                 generator=[torch.Generator().manual_seed(s) for s in (1, 2)]).images
+    assert batch.shape == (2, 4, 16, 16)
+    torch.testing.assert_close(batch, torch.cat([a, c]), rtol=1e-5, atol=1e-4 * a.abs().max().item())
 
 
 def test_from_pipe_shares_modules_and_mounts_linfusion(tmp_path):

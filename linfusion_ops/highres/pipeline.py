@@ -80,8 +80,9 @@ def resize_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 class _HighResMixin:
     """The staged loop shared by the SD and SD XL pipelines. A subclass provides
-    `_encode_conditioning(...)` (the callback-visible conditioning tensors), `_added_cond_kwargs`,
-    `_finish_images` and its own `__call__` that ends in `_generate`."""
+    `_added_cond_kwargs(cond, image_embeds)` (the UNet's added conditioning from the
+    callback-visible tensors `cond`), `_finish_images` (safety checker / watermark, postprocess)
+    and its own `__call__`: `_begin`, prompt encoding, `_generate`."""
 
     # SD XL's VAE overflows in fp16 (its config says force_upcast); SD 1.5's does not.
     _upcast_vae_in_fp16 = False
@@ -252,7 +253,7 @@ class _HighResMixin:
     def _denoise_stage(self, stage, latents, clean, noise, cond, ctx):
         """Denoise `latents` over the stage's timesteps (already set on the scheduler). clean,
         noise: the stage's encoded input and its noise (None in the base stage), for the skip
-        residual. Returns the latents, or None when a callback interrupted."""
+        residual. Returns the latents (after the last step done, when a callback interrupts)."""
         demofusion = ctx["method"] == "demofusion" and clean is not None
         control = self._control_image(ctx["control_image"], stage, latents.shape[0], latents.device, latents.dtype)
         predict = dict(cond=cond, control=control, controlnet_conditioning_scale=ctx["controlnet_conditioning_scale"])
@@ -296,29 +297,13 @@ class _HighResMixin:
     # -----------------------------------------------------------------------------------------
     # The staged run
     def _generate(self, cond, batch, device, dtype, options):
-        """The staged run. cond: the callback-visible conditioning tensors (CFG batch); options:
-        the __call__ arguments named in _STAGE_OPTIONS, plus `image` (preprocessed) and
-        `tensor_inputs`."""
+        """The staged run over `self.stages`. cond: the callback-visible conditioning tensors
+        (CFG batch); options: the __call__ arguments (its locals), with `image` preprocessed and
+        `tensor_inputs` the callback's tensor names."""
         ctx = dict(options)
-        method, image, control_image = ctx["method"], ctx["image"], ctx["control_image"]
+        method, image = ctx["method"], ctx["image"]
         output_type, return_stages, generator = ctx["output_type"], ctx["return_stages"], ctx["generator"]
         num_inference_steps, latents = ctx["num_inference_steps"], ctx["latents"]
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if (control_image is None) != (self.controlnet is None):
-            raise ValueError(
-                "control_image is needed exactly when the pipeline has a controlnet "
-                f"(controlnet: {type(self.controlnet).__name__ if self.controlnet is not None else None}, "
-                f"control_image given: {control_image is not None})"
-            )
-        if self.linfusion is None and not has_linfusion(self.unet):
-            logger.warning(
-                "LinFusion is not mounted on this UNet: its self-attention is softmax attention, "
-                "quadratic in the image size. Build the pipeline with from_pipe, or mount one with "
-                "LinFusion.construct_for."
-            )
         ctx["extra_step_kwargs"] = self.prepare_extra_step_kwargs(generator, ctx["eta"])
         self.stage_stats = []
         raw_stages, anchor, decoded = [], None, None
@@ -331,7 +316,7 @@ class _HighResMixin:
                 unet_calls=0,
                 unet_evaluations_per_image=0,
             )
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             ctx["timesteps"] = stage_timesteps(self.scheduler, num_inference_steps, stage.num_inference_steps, device)
             if stage.index == 0:
                 clean = noise = None
@@ -341,6 +326,7 @@ class _HighResMixin:
             else:
                 source = _expand_batch((image if image is not None else decoded).to(device), batch, "image")
                 clean = self._encode(resize_image(source, stage.height, stage.width), generator, dtype)
+                source = decoded = None  # a full-size image: not kept while the stage runs
                 if image is not None:
                     anchor = channel_stats(clean)
                 noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=dtype)
@@ -356,6 +342,7 @@ class _HighResMixin:
             last = interrupted or self._stage_index == len(self._stages) - 1
             decoded = None if (last and output_type == "latent") else self._decode(latents)
             self._stats["seconds"] = time.perf_counter() - start
+            self._stats["cpu_seconds"] = time.process_time() - cpu_start
             self.stage_stats.append(self._stats)
             if return_stages:
                 raw_stages.append(latents if output_type == "latent" else decoded)
@@ -410,6 +397,22 @@ class _HighResMixin:
     def _begin(self, options):
         """Per-call state from the __call__ arguments: guidance settings, the preprocessed input
         image, the target size and the stage plan. Returns (image, height, width, tensor_inputs)."""
+        if options["method"] not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {options['method']!r}")
+        if options["output_type"] not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {options['output_type']!r}")
+        if (options["control_image"] is None) != (self.controlnet is None):
+            raise ValueError(
+                "control_image is needed exactly when the pipeline has a controlnet (controlnet: "
+                f"{type(self.controlnet).__name__ if self.controlnet is not None else None}, control_image "
+                f"given: {options['control_image'] is not None})"
+            )
+        if self.linfusion is None and not has_linfusion(self.unet):
+            logger.warning(
+                "LinFusion is not mounted on this UNet: its self-attention is softmax attention, "
+                "quadratic in the image size. Build the pipeline with from_pipe, or mount one with "
+                "LinFusion.construct_for."
+            )
         self._guidance_scale = options["guidance_scale"]
         self._guidance_rescale = options["guidance_rescale"]
         self._clip_skip = options["clip_skip"]
@@ -473,7 +476,8 @@ _CALL_DOC = """
         Returns:
             LinFusionHighResPipelineOutput (images, stage_images, nsfw_content_detected), or
             that tuple with return_dict=False. `pipe.stage_stats` holds per stage the size,
-            steps, UNet calls, UNet evaluations per image and seconds.
+            steps, UNet calls, UNet evaluations per image (CFG halves and DemoFusion's global
+            pass counted), wall seconds and process CPU seconds (VAE work of the stage included).
 """
 
 
