@@ -644,3 +644,16 @@ def test_vae_tiling_in_the_pipeline(tmp_path):
     pipe.disable_vae_tiling()
     assert pipe.vae.decode == decode
     np.testing.assert_array_equal(run(pipe, **kwargs).images, plain.images)
+
+
+def test_xl_fp16_runs_with_the_vae_upcast(tmp_path):
+    pipe = xl_highres(tmp_path).to(torch.float16)
+    assert pipe.vae.config.force_upcast
+    vae_dtypes = []
+    for part in (pipe.vae.encoder, pipe.vae.decoder):
+        part.register_forward_pre_hook(lambda m, args: vae_dtypes.append((args[0].dtype, m.conv_in.weight.dtype)))
+    out = run(pipe, height=32, width=32, output_type="pt", return_stages=True)
+    assert vae_dtypes and set(vae_dtypes) == {(torch.float32, torch.float32)}  # SD XL's VAE overflows in fp16
+    assert out.images.dtype == torch.float16 and torch.isfinite(out.images).all()
+    assert [tuple(x.shape) for x in out.stage_images] == [(1, 3, 16, 16), (1, 3, 32, 32)]
+    assert pipe.vae.dtype == torch.float16 and pipe.unet.dtype == torch.float16  # upcast undone
