@@ -48,7 +48,9 @@ def __getattr__(name):
 
 class _Package(types.ModuleType):
     """The function `low_memory` lives in the submodule of the same name. Loading a submodule
-    binds it on its package, which would hide the function; keep the function instead."""
+    binds it on its package, which would hide the function; keep the function instead (the
+    module itself: `from linfusion_ops.highres.low_memory import ...` or
+    sys.modules["linfusion_ops.highres.low_memory"])."""
 
     def __setattr__(self, name, value):
         if isinstance(value, types.ModuleType) and _LAZY.get(name) == "." + name:
