@@ -167,6 +167,7 @@ class _HighResMixin:
 
     @property
     def num_stages(self) -> int:
+        """len(stages)."""
         return len(self._stages)
 
     # -----------------------------------------------------------------------------------------
