@@ -591,6 +591,22 @@ def test_controlnet_gets_each_stage_size_and_is_dilated(tmp_path, family):
         run(base, height=32, width=32, control_image=control[0])
 
 
+def test_an_error_in_the_global_pass_leaves_the_unet_undilated(tmp_path):
+    pipe = sd_highres(tmp_path)
+    before = _conv_params(pipe.unet)
+
+    def fail_when_dilated(module, args):
+        if module.dilation != (1, 1):
+            raise RuntimeError("out of memory (simulated)")
+
+    hook = pipe.unet.conv_in.register_forward_pre_hook(fail_when_dilated)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(pipe, height=32, width=32)
+    hook.remove()
+    assert _conv_params(pipe.unet) == before
+    assert pipe.stage_index == 1  # it failed in the first upscaling stage, after the base stage
+
+
 def test_sd_pipeline_with_prompt_pil_output_and_super_resolution(tmp_path):
     pipe = sd_highres(tmp_path)
     out = pipe("a cat", height=32, width=32, num_inference_steps=3, output_type="pil",
