@@ -513,6 +513,14 @@ def test_callbacks_see_every_stage_and_can_edit_latents(tmp_path):
         seen.append((p.stage_index, i, float(t), p.num_timesteps, tuple(kwargs["latents"].shape)))
         return {}
 
+    bars = []
+    progress_bar = pipe.progress_bar
+
+    def counting_progress_bar(total=None):
+        bars.append(total)
+        return progress_bar(total=total)
+
+    pipe.progress_bar = counting_progress_bar
     run(pipe, height=64, width=64, upscale_strength=0.5, callback_on_step_end=record)
     plan = plan_stages(64, 64, sample_size=8, vae_scale_factor=2, num_inference_steps=4, upscale_strength=0.5,
                        scheduler=pipe.scheduler)
@@ -523,6 +531,7 @@ def test_callbacks_see_every_stage_and_can_edit_latents(tmp_path):
         for i, t in enumerate(s.timesteps)
     ]
     assert seen == expected
+    assert bars == [len(s.timesteps) for s in plan]  # one progress bar per stage
 
     class AddOne(PipelineCallback):
         tensor_inputs = ["latents", "prompt_embeds"]
