@@ -68,7 +68,7 @@ _BUDGET_LADDER = (
 
 
 def _format_bytes(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def _split_batch(value, batch: int):
@@ -380,28 +380,34 @@ def _choose(state: _ModelState, original, kwargs: dict, is_unet: bool, handle: L
     leaves = _tensor_leaves(kwargs)
     key = tuple((tuple(t.shape), t.dtype) for t in leaves)
     if key not in state.plans:
-        tried = []
-        for techniques in _BUDGET_LADDER:
+
+        def peak(techniques):
             state.current = techniques
-            peak = model_peak(lambda meta: _run(state, original, meta, is_unet), [state.model], kwargs)
-            tried.append((techniques, peak))
-            if peak <= handle.max_memory:
-                break
-        else:
-            best = min(tried, key=lambda item: item[1])
+            return model_peak(lambda meta: _run(state, original, meta, is_unet), [state.model], kwargs)
+
+        # The most aggressive set first: when even it does not fit, say so at once.
+        last = _BUDGET_LADDER[-1]
+        smallest = peak(last)
+        if smallest > handle.max_memory:
             raise ValueError(
                 f"low_memory: max_memory={_format_bytes(handle.max_memory)} is too small for "
                 f"{type(state.model).__name__} at sample shape {tuple(kwargs['sample'].shape)}: "
-                f"the smallest modelled peak is {_format_bytes(best[1])} (weights included), "
-                f"with {best[0]}"
+                f"the smallest modelled peak is {_format_bytes(smallest)} (weights included), "
+                f"with {last}"
             )
-        state.plans[key] = tried[-1]
+        for techniques in _BUDGET_LADDER[:-1]:
+            bytes_needed = peak(techniques)
+            if bytes_needed <= handle.max_memory:
+                break
+        else:
+            techniques, bytes_needed = last, smallest
+        state.plans[key] = (techniques, bytes_needed)
         handle.plans.append(
             {
                 "model": type(state.model).__name__,
                 "sample_shape": tuple(kwargs["sample"].shape),
-                "techniques": asdict(tried[-1][0]),
-                "modelled_peak_bytes": tried[-1][1],
+                "techniques": asdict(techniques),
+                "modelled_peak_bytes": bytes_needed,
             }
         )
     state.current = state.plans[key][0]

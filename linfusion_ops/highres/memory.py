@@ -76,9 +76,17 @@ class LiveBytes(TorchDispatchMode):
             self.live -= entry[1]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # Views and in-place results share an input's storage: nothing new (and an input made
+        # before entering, such as a weight, must not start counting through its views).
+        inputs = {
+            id(v.untyped_storage())
+            for v in tree_flatten((args, kwargs))[0]
+            if isinstance(v, torch.Tensor) and v.layout == torch.strided
+        }
         for value in tree_flatten(out)[0]:
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and id(value.untyped_storage()) not in inputs:
                 self._track(value)
         return out
 
