@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusers.models.attention import FeedForward
+from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.utils import BaseOutput
 
-from .memory import host_twin, model_peak, parse_bytes
+from .memory import free_storage, host_twin, model_peak, parse_bytes
 
 _MISSING = object()
 
@@ -138,20 +139,25 @@ class _ModelState:
         # the skip index of each offloaded tensor.
         self.residuals = None
         self.mid_residual = None
-        self.skip_index: Dict[int, int] = {}
+        # id of each tensor this call offloaded -> its skip index (None: not a skip).
+        self.offloaded: Dict[int, Optional[int]] = {}
         self.next_skip = 0
+        self.offload_hidden = True
+        # Device copies made for an up block's concatenation, dead once it is done but still
+        # referenced by the block's frame: freed when its next resnet starts.
+        self.pending_free: List[torch.Tensor] = []
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def offload(self, tensor: torch.Tensor) -> torch.Tensor:
+    def offload(self, tensor: torch.Tensor, skip: bool = True) -> torch.Tensor:
         if tensor.is_meta:
             moved = host_twin(tensor)
         else:
             moved = tensor.to(self.offload_device)
-        self.skip_index[id(moved)] = self.next_skip
-        self.next_skip += 1
+        self.offloaded[id(moved)] = self.next_skip if skip else None
+        self.next_skip += skip
         return moved
 
     def load(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -160,15 +166,22 @@ class _ModelState:
             return torch.empty_like(tensor)
         return tensor.to(self.device)
 
-    def load_offloaded(self, tensor: torch.Tensor) -> torch.Tensor:
+    def load_offloaded(self, tensor: torch.Tensor, free_when_used: bool = False) -> torch.Tensor:
         """`tensor` on the device if this state offloaded it, else `tensor` itself."""
-        return self.load(tensor) if id(tensor) in self.skip_index else tensor
+        if id(tensor) not in self.offloaded:
+            return tensor
+        loaded = self.load(tensor)
+        if free_when_used and loaded is not tensor:
+            self.pending_free.append(loaded)
+        return loaded
 
     def load_skip(self, tensor: torch.Tensor) -> torch.Tensor:
-        index = self.skip_index.get(id(tensor))
+        index = self.offloaded.get(id(tensor))
         loaded = self.load(tensor)
         if self.residuals is not None and index is not None:
             loaded = loaded + self.load(self.residuals[index])
+        if loaded is not tensor:
+            self.pending_free.append(loaded)
         return loaded
 
 
@@ -229,31 +242,53 @@ def _as_kwargs(signature: inspect.Signature, args, kwargs) -> dict:
     return out
 
 
-def _silu(block: ResnetBlock2D, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(block.nonlinearity, nn.SiLU):
+def _silu(block: ResnetBlock2D, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    if inplace and isinstance(block.nonlinearity, nn.SiLU):
         return F.silu(x, inplace=True)
     return block.nonlinearity(x)
 
 
-def _add_(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x + y, written into x when that changes neither the dtype nor the shape."""
-    if torch.result_type(x, y) == x.dtype and torch.broadcast_shapes(x.shape, y.shape) == x.shape:
+def _add(x: torch.Tensor, y: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """x + y, written into x when asked and when that changes neither dtype nor shape."""
+    if inplace and torch.result_type(x, y) == x.dtype and torch.broadcast_shapes(x.shape, y.shape) == x.shape:
         return x.add_(y)
     return x + y
 
 
-def _resnet_forward(state: _ModelState, block: ResnetBlock2D, original, input_tensor, temb, *args, **kwargs):
-    """ResnetBlock2D.forward with in-place activations (same operations, same order)."""
+def _resnet_forward(state: _ModelState, block: ResnetBlock2D, role: Optional[str], original, input_tensor, temb, *args, **kwargs):
+    """ResnetBlock2D.forward, the same operations in the same order, with in-place activations
+    and adds (inplace_silu). With skip offload, the device copies the block's caller made and
+    will not read again are freed: in an up block (role "up": the input is the block's fresh
+    concatenation) the shortcut is computed first and the input's memory given back before
+    conv1, and the copies that were concatenated are freed on entry; in a down block (role
+    "down") the copy of the block's input, once its first resnet is done with it."""
+    inplace = state.current.inplace_silu
+    consume = role == "up" and state.current.offload_skips
+    if role == "down" and state.current.offload_skips and state.pending_free:
+        pending, state.pending_free = state.pending_free, []
+        out = _resnet_forward(state, block, None, original, input_tensor, temb, *args, **kwargs)
+        for tensor in pending:
+            free_storage(tensor)
+        return out
     if (
-        not state.current.inplace_silu
+        not (inplace or consume)
         or args
         or kwargs
         or (torch.is_grad_enabled() and input_tensor.requires_grad)
         or (torch.is_grad_enabled() and any(p.requires_grad for p in block.parameters()))
     ):
         return original(input_tensor, temb, *args, **kwargs)
-    hidden = _silu(block, block.norm1(input_tensor))
-    if block.upsample is not None:
+    shortcut = None
+    if consume:
+        for tensor in state.pending_free:
+            free_storage(tensor)
+        state.pending_free = []
+        if block.conv_shortcut is not None and block.upsample is None and block.downsample is None:
+            shortcut = block.conv_shortcut(input_tensor)
+    hidden = _silu(block, block.norm1(input_tensor), inplace)
+    if shortcut is not None:
+        free_storage(input_tensor)
+    elif block.upsample is not None:
         if hidden.shape[0] >= 64:
             input_tensor, hidden = input_tensor.contiguous(), hidden.contiguous()
         input_tensor, hidden = block.upsample(input_tensor), block.upsample(hidden)
@@ -267,30 +302,40 @@ def _resnet_forward(state: _ModelState, block: ResnetBlock2D, original, input_te
         temb = block.time_emb_proj(temb)[:, :, None, None]
     if block.time_embedding_norm == "default":
         if temb is not None:
-            hidden = _add_(hidden, temb)
+            hidden = _add(hidden, temb, inplace)
         hidden = block.norm2(hidden)
     elif block.time_embedding_norm == "scale_shift":
         if temb is None:
             raise ValueError(" `temb` should not be None when `time_embedding_norm` is scale_shift")
         time_scale, time_shift = torch.chunk(temb, 2, dim=1)
-        hidden = _add_(block.norm2(hidden).mul_(1 + time_scale), time_shift)
+        hidden = block.norm2(hidden)
+        hidden = _add(hidden.mul_(1 + time_scale) if inplace else hidden * (1 + time_scale), time_shift, inplace)
     else:
         hidden = block.norm2(hidden)
-    hidden = block.dropout(_silu(block, hidden))
+    hidden = block.dropout(_silu(block, hidden, inplace))
     hidden = block.conv2(hidden)
-    if block.conv_shortcut is not None:
-        input_tensor = block.conv_shortcut(input_tensor)
+    if shortcut is None:
+        shortcut = input_tensor if block.conv_shortcut is None else block.conv_shortcut(input_tensor)
     # input + hidden == hidden + input bit for bit (IEEE addition commutes); x / 1.0 == x.
-    hidden = _add_(hidden, input_tensor)
+    hidden = _add(hidden, shortcut, inplace)
     if block.output_scale_factor != 1:
-        hidden = hidden.div_(block.output_scale_factor)
+        hidden = hidden.div_(block.output_scale_factor) if inplace else hidden / block.output_scale_factor
     return hidden
 
 
-def _feed_forward(state: _ModelState, original, hidden_states, *args, **kwargs):
-    """FeedForward over `ff_chunk_size` tokens at a time, into one preallocated output."""
+def _chunk_tokens(state: _ModelState, original, hidden_states, *args, **kwargs):
+    """original(hidden_states (B, N, C), ...) over `ff_chunk_size` tokens at a time, into one
+    preallocated output: diffusers' FeedForward, and cross-attention (attn2), whose queries
+    are independent of each other (unless a per-query mask or IP-Adapter masks are given)."""
     chunk = state.current.ff_chunk_size
-    if chunk is None or hidden_states.dim() != 3 or hidden_states.shape[1] <= chunk:
+    mask = kwargs.get("attention_mask")
+    if (
+        chunk is None
+        or hidden_states.dim() != 3
+        or hidden_states.shape[1] <= chunk
+        or (mask is not None and mask.dim() >= 3 and mask.shape[-2] != 1)
+        or kwargs.get("ip_adapter_masks") is not None
+    ):
         return original(hidden_states, *args, **kwargs)
     out = None
     for start in range(0, hidden_states.shape[1], chunk):
@@ -301,34 +346,63 @@ def _feed_forward(state: _ModelState, original, hidden_states, *args, **kwargs):
     return out
 
 
+def _cross_attention(state: _ModelState, original, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+    if encoder_hidden_states is None:
+        return original(hidden_states, encoder_hidden_states, *args, **kwargs)
+    return _chunk_tokens(state, original, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
 def _offload_output(state: _ModelState, original, *args, **kwargs):
     """conv_in of the UNet: its output is the first skip tensor."""
     out = original(*args, **kwargs)
     return state.offload(out) if state.current.offload_skips else out
 
 
+def _load_input(state: _ModelState, args, kwargs, free_when_used: bool):
+    """A block's (args, kwargs) with its hidden_states brought back if this state offloaded it."""
+    if args:
+        return (state.load_offloaded(args[0], free_when_used),) + args[1:], kwargs
+    return args, dict(kwargs, hidden_states=state.load_offloaded(kwargs["hidden_states"], free_when_used))
+
+
 def _down_block(state: _ModelState, original, *args, **kwargs):
+    """Skips to the host; the output too (it is the last skip), so that the UNet's own
+    reference to it pins no device memory while the next block runs."""
     if not state.current.offload_skips:
         return original(*args, **kwargs)
-    if args:
-        args = (state.load_offloaded(args[0]),) + args[1:]
-    else:
-        kwargs["hidden_states"] = state.load_offloaded(kwargs["hidden_states"])
-    hidden, skips = original(*args, **kwargs)
-    return hidden, tuple(state.offload(s) for s in skips)
+    args, kwargs = _load_input(state, args, kwargs, free_when_used=True)
+    try:
+        hidden, skips = original(*args, **kwargs)
+    finally:
+        state.pending_free = []
+    moved = tuple(state.offload(s) for s in skips)
+    if not state.offload_hidden:
+        return hidden, moved
+    return (moved[-1] if skips and hidden is skips[-1] else state.offload(hidden, skip=False)), moved
 
 
-def _up_block(state: _ModelState, original, *args, **kwargs):
-    if state.current.offload_skips:
-        kwargs["res_hidden_states_tuple"] = _LoadingTuple(kwargs["res_hidden_states_tuple"], state.load_skip)
-    return original(*args, **kwargs)
+def _up_block(state: _ModelState, block: nn.Module, original, *args, **kwargs):
+    if not state.current.offload_skips:
+        return original(*args, **kwargs)
+    args, kwargs = _load_input(state, args, kwargs, free_when_used=True)
+    kwargs["res_hidden_states_tuple"] = _LoadingTuple(kwargs["res_hidden_states_tuple"], state.load_skip)
+    try:
+        out = original(*args, **kwargs)
+    finally:
+        state.pending_free = []
+    last = block is state.model.up_blocks[-1]
+    return out if last or not state.offload_hidden else state.offload(out, skip=False)
 
 
 def _mid_block(state: _ModelState, original, *args, **kwargs):
+    if not state.current.offload_skips:
+        return original(*args, **kwargs)
+    args, kwargs = _load_input(state, args, kwargs, free_when_used=False)
     out = original(*args, **kwargs)
-    if state.current.offload_skips and state.mid_residual is not None:
+    if state.mid_residual is not None:
         out = out + state.load(state.mid_residual)
-    return out
+    is_unet = hasattr(state.model, "up_blocks")
+    return state.offload(out, skip=False) if is_unet and state.offload_hidden else out
 
 
 def _controlnet_block(state: _ModelState, original, x):
@@ -357,12 +431,14 @@ def _run_call(state: _ModelState, original, kwargs: dict, is_unet: bool):
     if take_residuals:
         kwargs = dict(kwargs, down_block_additional_residuals=None, mid_block_additional_residual=None)
         state.residuals, state.mid_residual = tuple(down), mid
-    state.skip_index, state.next_skip = {}, 0
+    state.offloaded, state.next_skip = {}, 0
+    # T2I-Adapter residuals are added in place to the blocks' outputs by the UNet itself.
+    state.offload_hidden = kwargs.get("down_intrablock_additional_residuals") is None
     try:
         return original(**kwargs)
     finally:
         state.residuals = state.mid_residual = None
-        state.skip_index = {}
+        state.offloaded = {}
 
 
 def _run(state: _ModelState, original, kwargs: dict, is_unet: bool):
@@ -465,18 +541,24 @@ def low_memory(
     try:
         for name, state in states.items():
             model, is_unet = state.model, name == "unet"
+            up_resnets = {id(r) for block in getattr(model, "up_blocks", ()) for r in getattr(block, "resnets", ())}
+            down_resnets = {id(block.resnets[0]) for block in model.down_blocks if getattr(block, "resnets", None)}
             for module in model.modules():
                 if type(module) is ResnetBlock2D:
-                    handle._patch(module, functools.partial(_resnet_forward, state, module))
+                    role = "up" if id(module) in up_resnets else "down" if id(module) in down_resnets else None
+                    handle._patch(module, functools.partial(_resnet_forward, state, module, role))
                 elif isinstance(module, FeedForward):
-                    handle._patch(module, functools.partial(_feed_forward, state))
+                    handle._patch(module, functools.partial(_chunk_tokens, state))
+                elif isinstance(module, Attention) and module.is_cross_attention:
+                    handle._patch(module, functools.partial(_cross_attention, state))
             for block in model.down_blocks:
                 handle._patch(block, functools.partial(_down_block, state))
+            if model.mid_block is not None:
+                handle._patch(model.mid_block, functools.partial(_mid_block, state))
             if is_unet:
                 handle._patch(model.conv_in, functools.partial(_offload_output, state))
-                handle._patch(model.mid_block, functools.partial(_mid_block, state))
                 for block in model.up_blocks:
-                    handle._patch(block, functools.partial(_up_block, state))
+                    handle._patch(block, functools.partial(_up_block, state, block))
             else:
                 for block in model.controlnet_down_blocks:
                     handle._patch(block, functools.partial(_controlnet_block, state))

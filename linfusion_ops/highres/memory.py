@@ -18,6 +18,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 
+# The LiveBytes modes entered and not yet left, innermost last (see free_storage).
+_ACTIVE = []
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -55,6 +58,14 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
         self._storages: Dict[int, tuple] = {}
 
+    def __enter__(self):
+        _ACTIVE.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ACTIVE.remove(self)
+        return super().__exit__(*exc)
+
     def reset_peak(self) -> None:
         self.peak = self.live
 
@@ -89,6 +100,16 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(value, torch.Tensor) and id(value.untyped_storage()) not in inputs:
                 self._track(value)
         return out
+
+
+def free_storage(tensor: torch.Tensor) -> None:
+    """Give `tensor`'s memory back now (its storage resized to 0 bytes), for a tensor the caller
+    made, that nothing will read again, but that a caller's frame still references; the active
+    LiveBytes counters count the release."""
+    storage = tensor.untyped_storage()
+    for counter in _ACTIVE:
+        counter._release(id(storage))
+    storage.resize_(0)
 
 
 def host_twin(tensor: torch.Tensor) -> torch.Tensor:

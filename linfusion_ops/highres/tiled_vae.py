@@ -191,7 +191,7 @@ class _Segment:
 def _global_attention(attn: Attention, x: torch.Tensor, block: int) -> torch.Tensor:
     """The VAE mid-block Attention (AttnProcessor semantics: group_norm, to_q/k/v, softmax,
     to_out, residual, rescale) on the whole map x (B, C, H, W), for `block` queries
-    against `block` keys at a time with an online softmax; exact up to float rounding.
+    against `block` / 4 keys at a time with an online softmax; exact up to float rounding.
     The products run in x's dtype (tensor cores for fp16), the softmax in float32."""
     if attn.spatial_norm is not None or attn.norm_q is not None or attn.norm_k is not None or attn.norm_cross:
         raise NotImplementedError("tiled VAE: the mid-block attention may only use group_norm")
@@ -216,16 +216,17 @@ def _global_attention(attn: Attention, x: torch.Tensor, block: int) -> torch.Ten
         return y.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, H, n, D)
 
     out = torch.empty_like(x)
+    key_block = max(1, block // 4)
     for q0, q1 in blocks(block):
         q = projected(attn.to_q, q0, q1) * attn.scale
         peak = torch.full(q.shape[:3], -math.inf, device=x.device)
         total = torch.zeros(q.shape[:3], device=x.device)
         acc = torch.zeros(q.shape, device=x.device)
-        for k0, k1 in blocks(block):
+        for k0, k1 in blocks(key_block):
             k, v = projected(attn.to_k, k0, k1), projected(attn.to_v, k0, k1)
             scores = torch.matmul(q, k.transpose(-1, -2)).float()
             new_peak = torch.maximum(peak, scores.amax(-1))
-            probs = torch.exp(scores.sub_(new_peak[..., None]))
+            probs = scores.sub_(new_peak[..., None]).exp_()
             correction = torch.exp(peak - new_peak)
             total = total * correction + probs.sum(-1)
             acc = acc * correction[..., None] + torch.matmul(probs.to(v.dtype), v).float()
@@ -346,9 +347,9 @@ def _run_tiled(vae, x: torch.Tensor, direction: str, tile_size: Optional[int], h
                 core = tile_size if step.align > 1 else tile_size // f
                 x = step.run(x, core, halos[id(step)])
             else:
-                # Blocks of one tile's latent tokens: with 512 px tiles, 4096 x 4096 float32
-                # scores (64 MiB) at a time, less than one tile's activations.
-                x = _global_attention(step, x, (tile_size // f) ** 2)
+                # Blocks of one tile's latent tokens, at most 16384 (x 4096 keys: float32 scores
+                # of 256 MiB), less than one tile's activations.
+                x = _global_attention(step, x, min((tile_size // f) ** 2, 16384))
     return x
 
 
