@@ -7,16 +7,19 @@ processor is replaced), so `handle.remove()` gives back the models exactly as th
   concatenated; every batched argument is split (tensors whose first dim is 2B, inside lists,
   tuples and dicts too: added_cond_kwargs, IP-Adapter image_embeds lists, ControlNet residuals,
   timestep vectors, cross_attention_kwargs), everything else is passed to both halves.
-* chunked feed-forward: every diffusers `FeedForward` runs over `ff_chunk_size` tokens at a
-  time, writing into one preallocated output (the 4x-8x wide GEGLU hidden layer is the largest
-  tensor of a LinFusion UNet at 16K).
+* chunked feed-forward: every diffusers `FeedForward`, and every cross-attention over its
+  queries, runs over `ff_chunk_size` tokens at a time, writing into one preallocated output
+  (the 4x-8x wide GEGLU hidden layer is the largest tensor of a LinFusion UNet at 16K).
 * in-place SiLU: ResnetBlock2D runs its activations, time-embedding add, residual add and
   output scaling in place on tensors the block itself just made; the shared time embedding,
   the block's input and anything autograd needs are never written (with gradients on, the
   original forward runs).
 * skip offload: the UNet's down-block skip tensors (and a ControlNet's residuals) are moved to
   `offload_device` as soon as they are made and brought back one at a time when the up block
-  that concatenates them runs; ControlNet residuals are added to their skip there.
+  that concatenates them runs; ControlNet residuals are added to their skip there. The blocks'
+  outputs travel through the host too (the UNet's own frame would pin them on the device while
+  the next block runs), up-block resnets compute their shortcut first and free their
+  concatenated input once normalised, and the device copies are freed once used.
 * `max_memory`: per input shape, the first of a list of technique sets ordered from cheapest
   to most aggressive whose modelled peak (`memory.model_peak`: a dry run on the meta device
   counting live bytes, weights and inputs included) fits; ValueError when none does.
