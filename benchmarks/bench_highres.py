@@ -33,10 +33,7 @@ import platform
 import sys
 import time
 
-# The torch profiler (the CPU allocator check) would log its start and stop lines.
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")
-
-import torch  # noqa: E402
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
