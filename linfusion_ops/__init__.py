@@ -4,8 +4,8 @@ LongAlign's segment-level text encoding, as PyTorch custom ops with autograd.
 The diffusers integration (LinFusion, LinFusionAttnProcessor), the long-prompt encoder
 (LongPromptEncoder), LongSD's T5 path (LongSDAdapter, load_longsd_lora), LongAlign's preference
 optimization (CLIPPreferenceScorer, RewardSampler, linfusion_ops.preference), LinFusion
-distillation (linfusion_ops.training: Attn1FeatureTap, distillation_loss) and
-linfusion_ops.distributed load on first use, so `import linfusion_ops` needs only torch.
+distillation (linfusion_ops.training: Attn1FeatureTap, distillation_loss), the high-resolution
+pipelines (linfusion_ops.highres) and linfusion_ops.distributed load on first use, so `import linfusion_ops` needs only torch.
 """
 
 import importlib
@@ -33,6 +33,9 @@ _LAZY = {
     "training": "linfusion_ops.training",
     "Attn1FeatureTap": "linfusion_ops.training",
     "distillation_loss": "linfusion_ops.training",
+    "highres": "linfusion_ops.highres",
+    "LinFusionHighResPipeline": "linfusion_ops.highres.pipeline",
+    "LinFusionHighResXLPipeline": "linfusion_ops.highres.pipeline",
 }
 
 
@@ -62,4 +65,7 @@ __all__ = [
     "training",
     "Attn1FeatureTap",
     "distillation_loss",
+    "highres",
+    "LinFusionHighResPipeline",
+    "LinFusionHighResXLPipeline",
 ]

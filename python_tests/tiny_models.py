@@ -238,3 +238,63 @@ def write_captioned_images(folder, sizes=((24, 20), (20, 28), (16, 16), (30, 18)
         lines = [json.dumps({"file_name": name, "text": caption}) for name, caption in written]
         (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return written
+def tiny_controlnet(unet, seed=11):
+    """A ControlNet built from an unmounted `unet` (SD or XL) for tiny_vae's 2x latents, with its
+    zero-initialised convolutions randomised so that the control image changes the UNet's output."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    with torch.no_grad():
+        zero_convs = [controlnet.controlnet_cond_embedding.conv_out, controlnet.controlnet_mid_block]
+        for conv in [*controlnet.controlnet_down_blocks, *zero_convs]:
+            conv.weight.normal_(0, 0.1)
+    return controlnet.to(device=unet.device, dtype=unet.dtype).eval()
+
+
+def load_tiny_ip_adapter(unet, clip_dim=12, seed=7):
+    """Loads a random IP-Adapter (4 image tokens from a clip_dim image embedding) into `unet`;
+    pipelines then take ip_adapter_image_embeds=[(B or 2B with CFG, 1, clip_dim) tensor]."""
+    cross = unet.config.cross_attention_dim
+    g = torch.Generator().manual_seed(seed)
+    ip, key_id = {}, 1  # diffusers numbers the weights 1, 3, 5, ... over the cross-attention modules
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            hidden = unet.get_submodule(name[: -len(".processor")]).to_q.out_features
+            ip[f"{key_id}.to_k_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.1
+            ip[f"{key_id}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.1
+            key_id += 2
+    state = {
+        "image_proj": {
+            "proj.weight": torch.randn(4 * cross, clip_dim, generator=g) * 0.1,
+            "proj.bias": torch.zeros(4 * cross),
+            "norm.weight": torch.ones(cross),
+            "norm.bias": torch.zeros(cross),
+        },
+        "ip_adapter": ip,
+    }
+    unet._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
+    return unet
+
+
+def tiny_deep_vae(seed=12, mid_block_add_attention=True):
+    """A 3-level AutoencoderKL (downsampling factor 4, two resnets per level as in the real SD and
+    XL VAEs, SD-XL's scaling factor) with random GroupNorm affines, so that every normalisation's
+    statistics matter."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=2,
+        scaling_factor=0.13025,
+        mid_block_add_attention=mid_block_add_attention,
+    ).eval()
+    with torch.no_grad():
+        for m in vae.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.weight.add_(0.3 * torch.randn_like(m.weight))
+                m.bias.add_(0.3 * torch.randn_like(m.bias))
+    return vae
