@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 import linfusion_ops  # noqa: E402
 from conftest import DEVICES, assert_close_lowp, default_floor  # noqa: E402
 from tiny_models import (  # noqa: E402
+    load_tiny_ip_adapter,
     make_linfusion,
     make_unet,
     tiny_sd_pipeline,
@@ -524,26 +525,9 @@ def test_ip_adapter_keeps_linfusion_on_self_attention():
     unet = make_unet("sd15")
     linfusion = make_linfusion(unet)
     linfusion.mount_to(unet=unet)
-    clip_dim, cross = 12, unet.config.cross_attention_dim
-    g = torch.Generator().manual_seed(7)
-    # diffusers numbers the IP-Adapter weights 1, 3, 5, ... over the cross-attention modules.
-    ip, key_id = {}, 1
-    for name in unet.attn_processors:
-        if name.endswith("attn2.processor"):
-            hidden = unet.get_submodule(name[: -len(".processor")]).to_q.out_features
-            ip[f"{key_id}.to_k_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.1
-            ip[f"{key_id}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.1
-            key_id += 2
-    state = {
-        "image_proj": {
-            "proj.weight": torch.randn(4 * cross, clip_dim, generator=g) * 0.1,
-            "proj.bias": torch.zeros(4 * cross),
-            "norm.weight": torch.ones(cross),
-            "norm.bias": torch.zeros(cross),
-        },
-        "ip_adapter": ip,
-    }
-    unet._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
+    clip_dim = 12
+    load_tiny_ip_adapter(unet, clip_dim=clip_dim)
+    g = torch.Generator().manual_seed(8)
     for name, p in unet.attn_processors.items():
         assert type(p) is (
             LinFusionAttnProcessor if name.endswith("attn1.processor") else IPAdapterAttnProcessor2_0
