@@ -9,7 +9,8 @@ tokens, the tiled VAE decode of the latents and the tiled encode of the image ar
 tensors under linfusion_ops.highres.memory.LiveBytes, which counts every tensor from the op that
 creates it until it dies (weights, buffers and inputs added): the peak a caching allocator would
 need, without fragmentation or kernel workspaces. Techniques, cumulative: none; chunked CFG;
-+ in-place SiLU; + feed-forward chunks of 4096 tokens; + skip tensors on the CPU. The pipeline
++ in-place SiLU; + feed-forward chunks of 4096 tokens; + skip tensors on the CPU; + LinFusion's
+self-attention in chunks of 65536 tokens. The pipeline
 peak adds what stays resident while the other model runs: the text encoders, the UNet during the
 VAE passes, the VAE during the UNet steps.
 
@@ -23,6 +24,9 @@ with and without low_memory + the tiled VAE.
 
     python benchmarks/bench_highres.py                       # everything, writes results/highres_memory.{json,png}
     python benchmarks/bench_highres.py --sizes 2048x2048 --skip-check --skip-stages
+    # rerun some rows and merge them into the existing JSON (other rows, check, stages kept):
+    python benchmarks/bench_highres.py --models sd15 --sizes 16384x16384 --techniques +attn_chunks \
+        --skip-check --skip-stages --merge
 """
 
 import argparse
@@ -37,6 +41,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# benchmarks.common also silences kineto's log lines (KINETO_LOG_LEVEL) before any profile runs.
 from benchmarks.common import git_commit, peak_memory_mb  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -110,7 +115,11 @@ TECHNIQUES = {
     "+inplace_silu": dict(chunked_cfg=True, inplace_silu=True),
     "+ff_chunks": dict(chunked_cfg=True, inplace_silu=True, ff_chunk_size=4096),
     "+offload_skips": dict(chunked_cfg=True, inplace_silu=True, ff_chunk_size=4096, offload_skips=True),
+    "+attn_chunks": dict(chunked_cfg=True, inplace_silu=True, ff_chunk_size=4096, offload_skips=True,
+                         attn_chunk_size=65536),
 }
+# Every technique: the set the goals, the linearity figures and the VAE curve are read from.
+ALL = list(TECHNIQUES)[-1]
 SIZES = ["2048x2048", "4096x4096", "8192x8192", "8192x16384", "16384x16384"]
 GOALS = {("xl", "8192x16384"): 20e9, ("xl", "16384x16384"): 40e9, ("sd15", "16384x16384"): 24e9}
 VAE_TILE = 1024
@@ -249,7 +258,8 @@ def model_rows(args):
             height, width = (int(v) for v in size.split("x"))
             inputs = unet_inputs(spec["unet"], height, width, "meta", dtype)
             decode, encode, how = vae_model[size]
-            for name, techniques in TECHNIQUES.items():
+            for name in args.techniques:
+                techniques = TECHNIQUES[name]
                 step = unet_peak(unet, inputs, techniques)
                 pipeline = text + max(step + vae_weights, weights + max(decode, encode))
                 row = dict(
@@ -281,7 +291,7 @@ def linearity(rows):
     each size, and its ratio to the smallest size's."""
     out = {}
     for key in {r["model"] for r in rows}:
-        mine = [r for r in rows if r["model"] == key and r["techniques"] == "+offload_skips"]
+        mine = [r for r in rows if r["model"] == key and r["techniques"] == ALL]
         per_pixel = [
             (r["size"], (r["pipeline_peak_bytes"] - r["text_encoder_bytes"] - r["unet_weights_bytes"] - r["vae_weights_bytes"])
              / (r["megapixels"] * 1e6))
@@ -399,7 +409,7 @@ def plot(rows, path):
             pts = [r for r in mine if r["techniques"] == name]
             ax.plot([r["megapixels"] for r in pts], [r["pipeline_peak_bytes"] / 1e9 for r in pts],
                     marker="o", color=f"C{i}", label=f"pipeline, {name}")
-        pts = [r for r in mine if r["techniques"] == "+offload_skips"]
+        pts = [r for r in mine if r["techniques"] == ALL]
         ax.plot([r["megapixels"] for r in pts], [r["vae_decode_peak_bytes"] / 1e9 for r in pts],
                 "--", marker="s", color="grey", label="tiled VAE decode")
         for (model, size), goal in GOALS.items():
@@ -418,6 +428,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--sizes", nargs="+", default=SIZES, help="HEIGHTxWIDTH in px, multiples of 64")
+    parser.add_argument("--techniques", nargs="+", default=list(TECHNIQUES), choices=list(TECHNIQUES))
+    parser.add_argument("--merge", action="store_true",
+                        help="replace the rows measured now in the existing --out JSON and keep the others "
+                             "(and its check / stages when skipped here)")
     parser.add_argument("--vae-tile", type=int, default=VAE_TILE, help="tiled VAE tile size (px)")
     parser.add_argument("--vae-direct-max", type=int, default=4096 * 4096,
                         help="largest pixel count whose VAE passes are dry-run (above: bounded from it)")
@@ -460,11 +474,25 @@ def main():
     print(json.dumps({k: v for k, v in meta.items() if k not in ("configs", "techniques")}))
     result = {"meta": meta}
     result["model"] = [] if args.skip_model else model_rows(args)
+    if args.merge and os.path.exists(args.out):
+        with open(args.out) as f:
+            previous = json.load(f)
+        fresh = {(r["model"], r["size"], r["techniques"]) for r in result["model"]}
+        kept = [r for r in previous.get("model", []) if (r["model"], r["size"], r["techniques"]) not in fresh]
+        order = {(m, s, t): i for i, (m, s, t) in enumerate(
+            (m, s, t) for m in MODELS for s in SIZES for t in TECHNIQUES)}
+        result["model"] = sorted(kept + result["model"], key=lambda r: order.get((r["model"], r["size"], r["techniques"]), len(order)))
+        # The run the other rows come from, and every row refreshed since (over several merges).
+        meta["merged_into"] = previous["meta"].get("merged_into") or {k: previous["meta"].get(k) for k in ("date", "commit")}
+        meta["refreshed_rows"] = sorted(set(previous["meta"].get("refreshed_rows", [])) | {f"{m} {s} {t}" for m, s, t in fresh})
+        for part, skipped in (("check", args.skip_check), ("stages", args.skip_stages)):
+            if skipped and part in previous:
+                result[part] = previous[part]
     result["linearity"] = linearity(result["model"])
     result["goals"] = []
     for (key, size), goal in GOALS.items():
         row = next((r for r in result["model"] if r["model"] == key and r["size"] == size
-                    and r["techniques"] == "+offload_skips"), None)
+                    and r["techniques"] == ALL), None)
         if row is not None:
             met = row["pipeline_peak_bytes"] <= goal
             result["goals"].append(dict(model=key, size=size, goal_bytes=goal,

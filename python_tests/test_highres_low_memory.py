@@ -1,15 +1,18 @@
 """low_memory: every technique gives the plain forward's result (in-place SiLU and skip offload
-bit for bit; chunked CFG and chunked feed-forward within fp32 rounding, since a GEMM or
+bit for bit; chunked CFG, chunked feed-forward and chunked self-attention within fp32 rounding, since a GEMM or
 convolution of another batch or token count may be blocked differently), with LinFusion
 mounted, IP-Adapter and ControlNet; chunked CFG splits every kind of batched argument; the
 handle restores everything; max_memory chooses from the memory model and errors when nothing
 fits; the memory model matches live bytes counted on real CPU tensors."""
+
+import importlib
 
 import pytest
 import torch
 
 from diffusers.models.controlnets.controlnet import ControlNetOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from diffusers.models.attention_processor import AttnProcessor2_0
 from linfusion_ops.highres.low_memory import _concat, _split_batch, low_memory
 from linfusion_ops.highres.memory import LiveBytes, model_peak, module_bytes, parse_bytes, tensor_bytes
 from tiny_models import load_tiny_ip_adapter, make_linfusion, make_unet, tiny_controlnet, unet_inputs
@@ -19,7 +22,8 @@ TECHNIQUES = {
     "ff_chunks": dict(chunked_cfg=False, inplace_silu=False, ff_chunk_size=24),
     "inplace_silu": dict(chunked_cfg=False, inplace_silu=True),
     "offload_skips": dict(chunked_cfg=False, inplace_silu=False, offload_skips=True),
-    "all": dict(chunked_cfg=True, inplace_silu=True, ff_chunk_size=24, offload_skips=True),
+    "attn_chunks": dict(chunked_cfg=False, inplace_silu=False, attn_chunk_size=5),
+    "all": dict(chunked_cfg=True, inplace_silu=True, ff_chunk_size=24, offload_skips=True, attn_chunk_size=7),
 }
 EXACT = {"inplace_silu", "offload_skips"}
 
@@ -227,7 +231,9 @@ def test_max_memory_chooses_and_errors():
     with torch.no_grad():
         ref = unet(**inputs).sample
     roomy = _budget_peaks(unet, inputs)
-    assert roomy["techniques"] == dict(chunked_cfg=False, ff_chunk_size=None, inplace_silu=True, offload_skips=False)
+    assert roomy["techniques"] == dict(
+        chunked_cfg=False, ff_chunk_size=None, inplace_silu=True, offload_skips=False, attn_chunk_size=None
+    )
     # Just below the cheapest set's peak: a more aggressive set is chosen, and fits.
     budget = roomy["modelled_peak_bytes"] - 1
     with torch.no_grad(), low_memory(unet, max_memory=budget) as handle:
@@ -280,3 +286,105 @@ def test_memory_model_matches_live_bytes_on_cpu_and_each_technique_saves():
         with low_memory(unet, chunked_cfg=False, inplace_silu=inplace):
             block_peaks.append(model_peak(lambda meta: block(*meta), [block], args))
     assert block_peaks[1] < block_peaks[0]
+
+
+def _attn1(unet):
+    """The UNet's first self-attention (attn1) module."""
+    return next(m for name, m in unet.named_modules() if name.endswith("attn1"))
+
+
+@pytest.mark.parametrize("kind", ["sd15", "xl"])
+@pytest.mark.parametrize("chunk", [1, 5, 37, 1000])
+def test_chunked_self_attention_matches_the_linfusion_processor(kind, chunk):
+    """One LinFusion attn1 on its own, 3-D and 4-D inputs, with a residual connection and an
+    output rescale, over chunks of 1, an odd size, exactly N and more than N tokens."""
+    unet = _unet(kind)
+    attn = _attn1(unet)
+    width = attn.to_q.in_features
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 37, width, generator=g)
+    x4 = torch.randn(2, width, 5, 7, generator=g)
+    with torch.no_grad():
+        refs = [attn(x), attn(x4)]
+        attn.residual_connection, attn.rescale_output_factor = True, 2.0
+        refs += [attn(x), attn(x4)]
+        attn.residual_connection, attn.rescale_output_factor = False, 1.0
+        with low_memory(unet, chunked_cfg=False, inplace_silu=False, attn_chunk_size=chunk) as handle:
+            assert handle.techniques["attn_chunk_size"] == chunk
+            outs = [attn(x), attn(x4)]
+            attn.residual_connection, attn.rescale_output_factor = True, 2.0
+            outs += [attn(x), attn(x4)]
+    for out, ref in zip(outs, refs):
+        assert out.shape == ref.shape and out.dtype == ref.dtype and out.is_contiguous()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(refs[0], refs[2])  # the residual and the rescale were exercised
+
+
+def test_chunked_self_attention_falls_back_to_the_processor(monkeypatch):
+    """Masks, encoder states, gradients, active dropout and another processor run the module as
+    it is (the chunked path, which would call linear_attention_state, is not taken)."""
+    unet = _unet("sd15")
+    attn = _attn1(unet)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 12, attn.to_q.in_features, generator=g)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 3:] = False
+    with torch.no_grad():
+        ref_mask = attn(x, attention_mask=mask)
+        ref_context = attn(x, encoder_hidden_states=x[:, :5])
+    ref_grad = attn(x)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the chunked path ran")
+
+    with low_memory(unet, chunked_cfg=False, inplace_silu=False, attn_chunk_size=5):
+        # The module, not the function of the same name that linfusion_ops.highres exports.
+        module = importlib.import_module("linfusion_ops.highres.low_memory")
+        monkeypatch.setattr(module, "linear_attention_state", fail)
+        with torch.no_grad():
+            assert torch.equal(attn(x, attention_mask=mask), ref_mask)
+            assert torch.equal(attn(x, encoder_hidden_states=x[:, :5]), ref_context)
+        out = attn(x)  # gradients on
+        assert out.requires_grad and torch.equal(out, ref_grad)
+        attn.to_out[1].p = 0.5
+        attn.train()
+        with torch.no_grad():
+            attn(x)
+        attn.eval()
+        attn.to_out[1].p = 0.0
+        with pytest.raises(AssertionError, match="the chunked path ran"), torch.no_grad():
+            attn(x)
+        monkeypatch.undo()
+    # A softmax processor (a UNet without LinFusion) keeps running as it is.
+    plain = make_unet("sd15")
+    _attn1(plain).set_processor(AttnProcessor2_0())
+    inputs = unet_inputs("sd15")
+    with torch.no_grad():
+        ref = plain(**inputs).sample
+        with low_memory(plain, chunked_cfg=False, inplace_silu=False, attn_chunk_size=5):
+            assert torch.equal(plain(**inputs).sample, ref)
+
+
+def test_chunked_self_attention_lowers_the_modelled_peak():
+    unet = _unet("sd15")
+    attn = _attn1(unet)
+    x = torch.randn(2, 4096, attn.to_q.in_features)
+    peaks = []
+    for chunk in (None, 256):
+        with low_memory(unet, chunked_cfg=False, inplace_silu=False, attn_chunk_size=chunk):
+            peaks.append(model_peak(lambda meta: attn(meta), [attn], x))
+    # Unchunked: input, q, k, v, the kernel MLPs' hidden layers and the output at once;
+    # chunked: the input and the output, plus one chunk's temporaries.
+    assert peaks[1] < 0.5 * peaks[0], peaks
+    with low_memory(unet, chunked_cfg=False, inplace_silu=False, attn_chunk_size=256):
+        with torch.no_grad(), LiveBytes("cpu") as counter:
+            attn(x)
+    assert abs(module_bytes([attn]) + tensor_bytes(x) + counter.peak - peaks[1]) <= 0.02 * peaks[1]
+
+
+def test_attn_chunk_size_is_checked():
+    unet = make_unet("sd15")
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="attn_chunk_size must be a positive int or None"):
+            low_memory(unet, attn_chunk_size=bad)
+    assert "forward" not in unet.__dict__

@@ -10,6 +10,15 @@ processor is replaced), so `handle.remove()` gives back the models exactly as th
 * chunked feed-forward: every diffusers `FeedForward`, and every cross-attention over its
   queries, runs over `ff_chunk_size` tokens at a time, writing into one preallocated output
   (the 4x-8x wide GEGLU hidden layer is the largest tensor of a LinFusion UNet at 16K).
+* chunked self-attention: every self-attention running LinFusion's processor runs in two
+  passes over `attn_chunk_size` tokens at a time: keys and values (kernel MLP included) chunk
+  by chunk into linear attention's fp32 state (linfusion_ops.linear_attention_state, the
+  chunks' states weighted by their token counts), then queries, linear_attention_apply and
+  to_out chunk by chunk into one preallocated output; only the block's input and output are
+  full size (LinFusion's processor holds the input, q, k, v, the kernel MLPs' hidden layers
+  and the output at once: the peak of SD 1.5 at 16K). Attention masks, cross-attention,
+  spatial_norm / group_norm, active dropout, gradients and other processors run the
+  processor as it is.
 * in-place SiLU: ResnetBlock2D runs its activations, time-embedding add, residual add and
   output scaling in place on tensors the block itself just made; the shared time embedding,
   the block's input and anything autograd needs are never written (with gradients on, the
@@ -24,9 +33,10 @@ processor is replaced), so `handle.remove()` gives back the models exactly as th
   to most aggressive whose modelled peak (`memory.model_peak`: a dry run on the meta device
   counting live bytes, weights and inputs included) fits; ValueError when none does.
 
-Every technique gives the plain forward's result: chunked CFG and chunked feed-forward up to
-floating-point rounding (BLAS may block a GEMM of another size differently; bit-identical in
-practice on CPU), in-place SiLU and skip offload bit for bit.
+Every technique gives the plain forward's result: chunked CFG, chunked feed-forward and chunked
+self-attention up to floating-point rounding (BLAS may block a GEMM of another size
+differently, and the chunks' fp32 states are summed in another order), in-place SiLU and skip
+offload bit for bit.
 """
 
 import functools
@@ -43,6 +53,9 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.utils import BaseOutput
 
+from ..kernel_mlp import apply_kernel_mlp
+from ..linfusion import LINFUSION_EPS, LinFusionAttnProcessor
+from ..ops import linear_attention_apply, linear_attention_state
 from .memory import free_storage, host_twin, model_peak, parse_bytes
 
 _MISSING = object()
@@ -56,10 +69,12 @@ class Techniques:
     ff_chunk_size: Optional[int] = None
     inplace_silu: bool = False
     offload_skips: bool = False
+    attn_chunk_size: Optional[int] = None
 
 
 # max_memory tries these in order, cheapest first: in-place SiLU costs nothing, chunked CFG a
-# second launch of every kernel, small feed-forward chunks more launches, offload PCIe traffic.
+# second launch of every kernel, small feed-forward chunks more launches, offload PCIe traffic;
+# self-attention chunks (a second read of the input) come last, with the offload.
 _BUDGET_LADDER = (
     Techniques(inplace_silu=True),
     Techniques(inplace_silu=True, chunked_cfg=True),
@@ -68,6 +83,8 @@ _BUDGET_LADDER = (
     Techniques(inplace_silu=True, chunked_cfg=True, ff_chunk_size=4096),
     Techniques(inplace_silu=True, chunked_cfg=True, ff_chunk_size=4096, offload_skips=True),
     Techniques(inplace_silu=True, chunked_cfg=True, ff_chunk_size=1024, offload_skips=True),
+    Techniques(inplace_silu=True, chunked_cfg=True, ff_chunk_size=1024, offload_skips=True, attn_chunk_size=65536),
+    Techniques(inplace_silu=True, chunked_cfg=True, ff_chunk_size=1024, offload_skips=True, attn_chunk_size=4096),
 )
 
 
@@ -355,6 +372,71 @@ def _cross_attention(state: _ModelState, original, hidden_states, encoder_hidden
     return _chunk_tokens(state, original, hidden_states, encoder_hidden_states, *args, **kwargs)
 
 
+def _self_attention(state: _ModelState, attn: Attention, original, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+    """LinFusionAttnProcessor's result, computed over `attn_chunk_size` tokens at a time (see
+    the module docstring); anything the chunked path does not reproduce runs `original`.
+    Extra keyword arguments are ignored, as the processor ignores them."""
+    chunk = state.current.attn_chunk_size
+    dropout = attn.to_out[1] if len(attn.to_out) > 1 else None
+    if (
+        chunk is None
+        or type(attn.processor) is not LinFusionAttnProcessor
+        or torch.is_grad_enabled()
+        or encoder_hidden_states is not None
+        or attention_mask is not None
+        or attn.spatial_norm is not None
+        or attn.group_norm is not None
+        or hidden_states.dim() not in (3, 4)
+        or hidden_states.numel() == 0
+        or (isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0)
+    ):
+        return original(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+    four_d = hidden_states.dim() == 4
+    if four_d:
+        batch, channels, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+    # Without spatial_norm and group_norm, the residual is the input itself (token-major here).
+    residual = hidden_states
+    tokens, heads = hidden_states.shape[1], attn.heads
+    starts = range(0, tokens, chunk)
+
+    state_sum = mean_sum = None
+    for start in starts:
+        x = hidden_states[:, start : start + chunk]
+        key = attn.to_k(apply_kernel_mlp(getattr(attn, "to_k_", None), x))
+        if attn.norm_k is not None:
+            key = attn.norm_k(key.unflatten(-1, (heads, -1))).flatten(-2)
+        # Each chunk's state is the mean over its tokens: weighted by its share of them.
+        part, part_mean = linear_attention_state(key, attn.to_v(x), heads, feature_map="elu")
+        weight = x.shape[1] / tokens
+        if state_sum is None:
+            state_sum, mean_sum = part.mul_(weight), part_mean.mul_(weight)
+        else:
+            state_sum.add_(part, alpha=weight)
+            mean_sum.add_(part_mean, alpha=weight)
+        del key, part, part_mean
+
+    out = None
+    for start in starts:
+        x = hidden_states[:, start : start + chunk]
+        query = attn.to_q(apply_kernel_mlp(getattr(attn, "to_q_", None), x))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query.unflatten(-1, (heads, -1))).flatten(-2)
+        part = linear_attention_apply(query, state_sum, mean_sum, heads, feature_map="elu", eps=LINFUSION_EPS)
+        del query
+        part = attn.to_out[1](attn.to_out[0](part))
+        if attn.residual_connection:
+            part = part + residual[:, start : start + chunk]
+        part = part / attn.rescale_output_factor
+        if out is None:
+            # 4-D: channel-major, as the processor's transpose + reshape leaves it.
+            shape = (batch, channels, height, width) if four_d else (hidden_states.shape[0], tokens, part.shape[2])
+            out = part.new_empty(shape)
+            tokens_view = out.view(batch, channels, tokens).transpose(1, 2) if four_d else out
+        tokens_view[:, start : start + chunk] = part
+    return out
+
+
 def _offload_output(state: _ModelState, original, *args, **kwargs):
     """conv_in of the UNet: its output is the first skip tensor."""
     out = original(*args, **kwargs)
@@ -507,6 +589,7 @@ def low_memory(
     ff_chunk_size: Optional[int] = None,
     inplace_silu: bool = True,
     offload_skips: bool = False,
+    attn_chunk_size: Optional[int] = None,
     max_memory: Union[int, str, None] = None,
     offload_device: Union[str, torch.device] = "cpu",
 ) -> LowMemoryHandle:
@@ -521,22 +604,24 @@ def low_memory(
         offload_skips: keep the UNet's skip tensors and the ControlNet's residuals on
             `offload_device` between the down block that makes them and the up block that
             uses them.
+        attn_chunk_size: tokens per chunk of LinFusion's self-attention (None: unchunked).
         max_memory: bytes, or a string such as "24GB" (10^9 bytes) or "20GiB": the device
             memory one UNet (or ControlNet) call may use, weights and inputs included. The
-            techniques are then chosen per input shape from the memory model, and the four
+            techniques are then chosen per input shape from the memory model, and the five
             technique arguments above are ignored; ValueError (at the call) when nothing fits.
         offload_device: where offloaded skip tensors live (default "cpu").
 
     The models' outputs keep their types (UNet2DConditionOutput, ControlNetOutput or tuples
     with return_dict=False), shapes and dtypes; inputs are those of the models' forwards.
     """
-    if ff_chunk_size is not None and (isinstance(ff_chunk_size, bool) or not isinstance(ff_chunk_size, int) or ff_chunk_size < 1):
-        raise ValueError(f"low_memory: ff_chunk_size must be a positive int or None, got {ff_chunk_size!r}")
+    for name, size in (("ff_chunk_size", ff_chunk_size), ("attn_chunk_size", attn_chunk_size)):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"low_memory: {name} must be a positive int or None, got {size!r}")
     for name, model in (("unet", unet), ("controlnet", controlnet)):
         if model is not None and not hasattr(model, "down_blocks"):
             raise TypeError(f"low_memory: {name} must be a diffusers UNet2DConditionModel or ControlNetModel, got {type(model).__name__}")
     budget = None if max_memory is None else parse_bytes(max_memory)
-    fixed = None if budget is not None else Techniques(bool(chunked_cfg), ff_chunk_size, bool(inplace_silu), bool(offload_skips))
+    fixed = None if budget is not None else Techniques(bool(chunked_cfg), ff_chunk_size, bool(inplace_silu), bool(offload_skips), attn_chunk_size)
     states = {"unet": _ModelState(unet, fixed, offload_device)}
     if controlnet is not None:
         states["controlnet"] = _ModelState(controlnet, fixed, offload_device)
@@ -554,6 +639,8 @@ def low_memory(
                     handle._patch(module, functools.partial(_chunk_tokens, state))
                 elif isinstance(module, Attention) and module.is_cross_attention:
                     handle._patch(module, functools.partial(_cross_attention, state))
+                elif isinstance(module, Attention):
+                    handle._patch(module, functools.partial(_self_attention, state, module))
             for block in model.down_blocks:
                 handle._patch(block, functools.partial(_down_block, state))
             if model.mid_block is not None:

@@ -123,8 +123,8 @@ class _HighResMixin:
     # Memory options (linfusion_ops.highres.low_memory / tiled_vae)
     def enable_low_memory(self, **kwargs):
         """Apply `linfusion_ops.highres.low_memory(self.unet, self.controlnet, **kwargs)`
-        (chunked CFG, chunked feed-forward, in-place SiLU, CPU-held skips, or a `max_memory`
-        budget) until `disable_low_memory()`. Returns the handle."""
+        (chunked CFG, chunked feed-forward, in-place SiLU, CPU-held skips, chunked LinFusion
+        self-attention, or a `max_memory` budget) until `disable_low_memory()`. Returns the handle."""
         from . import low_memory
 
         self.disable_low_memory()
