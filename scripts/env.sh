@@ -56,6 +56,8 @@ if [ -n "$rebuild" ]; then
   fi
   echo "== built in $(( $(date +%s) - start )) s"
 fi
-python -c "import linfusion_ops; from linfusion_ops import emulated
-print('linfusion_ops build:', linfusion_ops.build_info())
+python -c "import linfusion_ops; print('linfusion_ops build:', linfusion_ops.build_info())"
+if [ "${LINFUSION_OPS_CUDA_EMU:-0}" != 0 ]; then
+  python -c "from linfusion_ops import emulated
 print('CUDA emulation built:', {f: emulated.available(f) for f in emulated.FLAVOURS})"
+fi
