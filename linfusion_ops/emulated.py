@@ -189,9 +189,9 @@ def _launch_record(raw: dict) -> dict:
     for space in ("global_load", "global_store"):
         c = record[space]
         c["sectors"] = c.pop("units")
-        c.pop("ideal")
+        c["distinct_bytes"] = c.pop("ideal")
         c["sectors_per_request"] = c["sectors"] / c["requests"] if c["requests"] else 0.0
-        c["efficiency"] = c["bytes"] / (32 * c["sectors"]) if c["sectors"] else 1.0
+        c["efficiency"] = c["distinct_bytes"] / (32 * c["sectors"]) if c["sectors"] else 1.0
     for space in ("shared_load", "shared_store"):
         c = record[space]
         c["wavefronts"] = c.pop("units")
@@ -201,8 +201,8 @@ def _launch_record(raw: dict) -> dict:
     for site in record["sites"]:
         if site["space"] == "global":
             site["sectors"] = site.pop("units")
-            site.pop("ideal")
-            site["efficiency"] = site["bytes"] / (32 * site["sectors"]) if site["sectors"] else 1.0
+            site["distinct_bytes"] = site.pop("ideal")
+            site["efficiency"] = site["distinct_bytes"] / (32 * site["sectors"]) if site["sectors"] else 1.0
         else:
             site["wavefronts"] = site.pop("units")
             site["ideal_wavefronts"] = site.pop("ideal")
@@ -223,8 +223,9 @@ def profile() -> Iterator[List[dict]]:
       (warp-level m16n16k16 MMAs) and "flops" (2·16³ per MMA);
     * "global_load" / "global_store": "requests" (one per warp per instruction instance: the
       k-th execution of one access site by the lanes of a warp between two barriers), "bytes"
-      requested, "sectors" (32-byte sectors touched per request, summed), "sectors_per_request",
-      "efficiency" (bytes ÷ sector bytes);
+      requested, "distinct_bytes" (per request: lanes that read one address count once, a
+      broadcast), "sectors" (32-byte sectors touched per request, summed),
+      "sectors_per_request", "efficiency" (distinct bytes ÷ sector bytes);
     * "shared_load" / "shared_store": "requests", "bytes", "wavefronts" (32 banks of 4 bytes,
       one wavefront per distinct word in the busiest bank of each phase; 8- and 16-byte
       accesses in 2 and 4 phases, as the hardware splits them), "ideal_wavefronts",

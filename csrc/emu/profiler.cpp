@@ -124,20 +124,23 @@ struct LaneAccess {
 };
 
 void count_global(const std::vector<LaneAccess>& lanes, bool write, Site& site) {
-  std::vector<uint64_t> sectors;
+  std::vector<uint64_t> sectors, bytes_touched;
   uint64_t bytes = 0;
   for (const LaneAccess& a : lanes) {
     bytes += a.bytes;
     for (uint64_t s = a.address >> 5; s <= (a.address + a.bytes - 1) >> 5; ++s) sectors.push_back(s);
+    for (uint64_t b = a.address; b < a.address + a.bytes; ++b) bytes_touched.push_back(b);
   }
   std::sort(sectors.begin(), sectors.end());
   sectors.erase(std::unique(sectors.begin(), sectors.end()), sectors.end());
+  std::sort(bytes_touched.begin(), bytes_touched.end());  // lanes reading one address: a broadcast
+  bytes_touched.erase(std::unique(bytes_touched.begin(), bytes_touched.end()), bytes_touched.end());
   ProfileCounters& c = write ? g_launch.record.global_store : g_launch.record.global_load;
   for (ProfileCounters* t : {&c, &site.counters}) {
     t->requests += 1;
     t->bytes += bytes;
     t->units += sectors.size();
-    t->ideal += (bytes + 31) / 32;
+    t->ideal += bytes_touched.size();
   }
   auto& launch_set = write ? g_launch.store_sectors : g_launch.load_sectors;
   auto& block_set = write ? g_launch.block_store : g_launch.block_load;

@@ -65,7 +65,7 @@ struct ProfileCounters {
   uint64_t requests = 0;  // warp-level instructions (the k-th execution of one site by a warp)
   uint64_t bytes = 0;     // bytes the lanes asked for
   uint64_t units = 0;     // global: 32-byte sectors per request, summed; shared: wavefronts
-  uint64_t ideal = 0;     // shared: wavefronts without bank conflicts; global: sectors if packed
+  uint64_t ideal = 0;     // shared: wavefronts without bank conflicts; global: distinct bytes
 };
 struct ProfileSite {
   std::string where;  // file:line of the access
