@@ -1,4 +1,4 @@
-"""The performance model behind benchmarks/bench_emu_profile.py (docs/performance.md): workloads
+"""The performance model behind benchmarks/bench_emu_profile.py (benchmarks/README.md, "Emulator profile"): workloads
 that run every op and kernel path under linfusion_ops.emulated.profile(), each op's minimum
 traffic, theoretical occupancy from nvcc's resource usage, a roofline bound per launch, and the
 extrapolation of emulated counters to real sizes. Every time it gives is *predicted*.

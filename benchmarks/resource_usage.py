@@ -1,5 +1,5 @@
 """Registers, shared memory and local memory per kernel from the real compiler, for the occupancy
-column of benchmarks/bench_emu_profile.py (docs/performance.md).
+column of benchmarks/bench_emu_profile.py (benchmarks/README.md, "Emulator profile").
 
     python benchmarks/resource_usage.py --so linfusion_ops/_C*.so          # the built _C's archs
     python benchmarks/resource_usage.py --compile 8.0 [--jobs 2]          # nvcc -cubin per .cu

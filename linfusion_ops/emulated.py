@@ -22,7 +22,7 @@ source line, the block and the thread.
 It proves the kernels' logic (indices, tiles, barriers, paths); it says nothing about timing,
 real tensor-core rounding, races between blocks or CUDA graphs. profile() turns the checked
 flavour's access hooks into per-launch memory counters (coalescing, DRAM sectors, bank
-conflicts, barriers, MMAs): the inputs of the roofline model of docs/performance.md.
+conflicts, barriers, MMAs): the inputs of the roofline model of benchmarks/README.md.
 """
 
 import contextlib

@@ -8,7 +8,7 @@ shapes, must stay within the committed budget of emulator_profile_budget.json (l
 efficiency, bank-conflict ways, DRAM bytes per launch), so a change that uncoalesces an access or
 adds a conflict fails here. After a deliberate improvement, rewrite the budget with
 LINFUSION_OPS_WRITE_PROFILE_BUDGET=1 python -m pytest python_tests/test_emulator_profiler.py
-(docs/performance.md).
+(benchmarks/README.md, "Emulator profile").
 """
 
 import json

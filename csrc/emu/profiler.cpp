@@ -14,7 +14,7 @@
 // blockIdx / blockDim / gridDim: ignored) or global (everything else). WMMA instructions are
 // counted by the WMMA emulation itself (profile_tile_access, profile_mma).
 //
-// Models (docs/performance.md): a global request costs the distinct 32-byte sectors its lanes
+// Models (benchmarks/README.md, "Emulator profile"): a global request costs the distinct 32-byte sectors its lanes
 // touch; a shared request is served in phases (accesses up to 4 bytes: the 32 lanes at once;
 // 8 bytes: two halves of 16 lanes; 16 bytes: four quarters of 8 lanes) and each phase costs as
 // many wavefronts as the largest number of distinct 4-byte words one of the 32 banks holds.
