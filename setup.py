@@ -132,7 +132,7 @@ def emu_flavours():
 def emu_units(flavour):
     units = sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/emu/runtime.cpp", "csrc/emu/selftest.cpp",
                                                    "csrc/emu/module.cpp"]
-    return units + (["csrc/emu/race_detector.cpp"] if flavour == "checked" else [])
+    return units + (["csrc/emu/race_detector.cpp", "csrc/emu/profiler.cpp"] if flavour == "checked" else [])
 
 
 def emu_extension(flavour):

@@ -2,7 +2,9 @@
 # One-command GPU check (issue 3), for a machine with an NVIDIA GPU and no network:
 #   1. builds linfusion_ops in place for the local GPU's arch only, with every core;
 #   2. runs the test suite (`-m "not slow"`), then the slow tests if time allows;
-#   3. runs benchmarks/bench_gpu.py, which writes <date>_<commit>_<gpu>.json and .png.
+#   3. runs benchmarks/bench_gpu.py, which writes <date>_<commit>_<gpu>.json and .png;
+#   4. runs benchmarks/gpu_vs_model.py: measured times next to the emulator model's predictions
+#      (and Nsight Compute counters when ncu exists), gpu_vs_model_<gpu>.json.
 # Logs and results go to ${OUT:-benchmarks/results}. Designed to finish within 8 minutes on an
 # H100. Exit status: non-zero when the build, the tests or the benchmark failed.
 #
@@ -45,5 +47,14 @@ fi
 
 "$PYTHON" benchmarks/bench_gpu.py --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/gpu_check_bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+# Measured times next to the emulator model's predictions (benchmarks/results/emu_profile.json),
+# with Nsight Compute's counters when ncu is installed and time remains.
+NCU_IF_ELAPSED_BELOW=${NCU_IF_ELAPSED_BELOW:-360}  # seconds
+ncu_flag=""
+if command -v ncu > /dev/null && [ "$(elapsed)" -lt "$NCU_IF_ELAPSED_BELOW" ]; then ncu_flag="--ncu"; fi
+timeout 240 "$PYTHON" benchmarks/gpu_vs_model.py --out "$OUT_DIR" $ncu_flag 2>&1 | tee "$OUT_DIR/gpu_check_model.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "gpu_check: model check done at $(elapsed)s"
 echo "gpu_check: finished in $(elapsed)s with status $status (results in $OUT_DIR)"
 exit $status

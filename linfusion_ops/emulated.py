@@ -20,7 +20,9 @@ reads of unwritten shared memory) raises a RuntimeError naming the check, the ke
 source line, the block and the thread.
 
 It proves the kernels' logic (indices, tiles, barriers, paths); it says nothing about timing,
-occupancy, real tensor-core rounding, races between blocks or CUDA graphs.
+real tensor-core rounding, races between blocks or CUDA graphs. profile() turns the checked
+flavour's access hooks into per-launch memory counters (coalescing, DRAM sectors, bank
+conflicts, barriers, MMAs): the inputs of the roofline model of benchmarks/README.md.
 """
 
 import contextlib
@@ -178,17 +180,92 @@ def clear_launch_log() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The profiler (checked flavour).
+MMA_FLOPS = 2 * 16 * 16 * 16  # one m16n16k16 multiply-accumulate
+
+
+def _launch_record(raw: dict) -> dict:
+    record = dict(raw)
+    for space in ("global_load", "global_store"):
+        c = record[space]
+        c["sectors"] = c.pop("units")
+        c["distinct_bytes"] = c.pop("ideal")
+        c["sectors_per_request"] = c["sectors"] / c["requests"] if c["requests"] else 0.0
+        c["efficiency"] = c["distinct_bytes"] / (32 * c["sectors"]) if c["sectors"] else 1.0
+    for space in ("shared_load", "shared_store"):
+        c = record[space]
+        c["wavefronts"] = c.pop("units")
+        c["ideal_wavefronts"] = c.pop("ideal")
+        c["wavefronts_per_request"] = c["wavefronts"] / c["requests"] if c["requests"] else 0.0
+        c["conflict_ways"] = c["wavefronts"] / c["ideal_wavefronts"] if c["ideal_wavefronts"] else 1.0
+    for site in record["sites"]:
+        if site["space"] == "global":
+            site["sectors"] = site.pop("units")
+            site["distinct_bytes"] = site.pop("ideal")
+            site["efficiency"] = site["distinct_bytes"] / (32 * site["sectors"]) if site["sectors"] else 1.0
+        else:
+            site["wavefronts"] = site.pop("units")
+            site["ideal_wavefronts"] = site.pop("ideal")
+            site["conflict_ways"] = site["wavefronts"] / site["ideal_wavefronts"] if site["ideal_wavefronts"] else 1.0
+    record["flops"] = record["mma"] * MMA_FLOPS
+    record["dram_bytes"] = 32 * (record["load_sectors"] + record["store_sectors"])
+    record["dram_bytes_no_l2_reuse"] = 32 * (record["block_load_sectors"] + record["block_store_sectors"])
+    return record
+
+
+@contextlib.contextmanager
+def profile() -> Iterator[List[dict]]:
+    """Context manager: the kernels launched inside the block run on the checked flavour with
+    the profiler on; it yields a list that holds, after the block, one record per launch:
+
+    * "kernel" (demangled name), "grid", "block" (3-tuples), "dynamic_smem", "static_smem"
+      (bytes), "blocks", "barriers" (released __syncthreads, summed over blocks), "mma"
+      (warp-level m16n16k16 MMAs) and "flops" (2·16³ per MMA);
+    * "global_load" / "global_store": "requests" (one per warp per instruction instance: the
+      k-th execution of one access site by the lanes of a warp between two barriers), "bytes"
+      requested, "distinct_bytes" (per request: lanes that read one address count once, a
+      broadcast), "sectors" (32-byte sectors touched per request, summed),
+      "sectors_per_request", "efficiency" (distinct bytes ÷ sector bytes);
+    * "shared_load" / "shared_store": "requests", "bytes", "wavefronts" (32 banks of 4 bytes,
+      one wavefront per distinct word in the busiest bank of each phase; 8- and 16-byte
+      accesses in 2 and 4 phases, as the hardware splits them), "ideal_wavefronts",
+      "wavefronts_per_request", "conflict_ways" (wavefronts ÷ ideal);
+    * "load_sectors" / "store_sectors": distinct sectors over the launch, and
+      "block_load_sectors" / "block_store_sectors": distinct per block, summed; "dram_bytes"
+      (the traffic if L2 caught every reuse) and "dram_bytes_no_l2_reuse" (if it caught none);
+    * "sites": the same counters per source line ("where", "space", "op"), costliest first.
+
+    WMMA loads and stores are modelled (ldmatrix.x4 for 16-bit operands, 8-byte-per-lane
+    stores in the mma register layout for fp32 accumulators), not the real SASS. Raises
+    RuntimeError when the checked flavour is not built."""
+    module = _require("checked")
+    launches: List[dict] = []
+    saved = _state["flavour"]
+    module.take_profile()
+    module.set_profiling(True)
+    set_flavour("checked")
+    try:
+        yield launches
+    finally:
+        module.set_profiling(False)
+        set_flavour(saved)
+        launches.extend(_launch_record(r) for r in module.take_profile())
+
+
+# ---------------------------------------------------------------------------------------------
 # The emulator's own tests: deliberately broken kernels.
 def selftest_names(flavour: str = "fast") -> List[str]:
     """Names of the flavour's test kernels: "ok" (correct), one deliberately broken kernel per
-    check of the emulator, the race / alignment ones in the checked flavour only, and
-    "schedule_dependent" (a missing barrier: its output depends on the schedule)."""
+    check of the emulator, the race / alignment ones in the checked flavour only,
+    "schedule_dependent" (a missing barrier: its output depends on the schedule), and in the
+    checked flavour the profiler's microkernels "profile_*" (known counters)."""
     return list(_require(flavour).selftest_names())
 
 
 def run_selftest(name: str, flavour: str = "fast") -> Optional[torch.Tensor]:
     """Runs test kernel `name`: a broken one raises the emulator's RuntimeError; "ok" returns
-    None, "schedule_dependent" its (64,) int32 output."""
+    None, "schedule_dependent" its (64,) int32 output, a "profile_*" kernel its float32 output
+    (a copy or transpose of torch.arange, or the MMA's 16 x 16 tile)."""
     return _require(flavour).run_selftest(name)
 
 
@@ -223,7 +300,9 @@ __all__ = [
     "linear_attention_apply",
     "linear_attention_state",
     "merge_segments",
+    "MMA_FLOPS",
     "ops",
+    "profile",
     "run_selftest",
     "selftest_names",
     "set_device",

@@ -836,10 +836,19 @@ __global__ void __launch_bounds__(kTcApplyWarps* kWarpSize)
         if (n >= end || c >= d) continue;
         const float* row = s_p + t * Shape::kLdP;
         const float inv_den = 1.f / (row[DP] + args.eps);
+        // The chunk's 8 fp32 products as two 16-byte reads. Lanes 4-7 of each quarter warp (one
+        // 16-byte phase) read their upper half first, so that with 8 chunks per row the phase's
+        // 32 words fall in 32 different banks (in index order, lanes 0 and 4 would share
+        // theirs: 2-way, and 4-way with scalar reads).
+        const int upper_first = threadIdx.x % 8 / 4;
+        const uint4 first = *reinterpret_cast<const uint4*>(row + c + 4 * upper_first);
+        const uint4 second = *reinterpret_cast<const uint4*>(row + c + 4 - 4 * upper_first);
+        const uint4 lo = upper_first ? second : first, hi = upper_first ? first : second;
+        const unsigned words[kTcVector] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
         uint4 packed;
         T* vals = reinterpret_cast<T*>(&packed);
 #pragma unroll
-        for (int e = 0; e < kTcVector; ++e) vals[e] = from_float<T>(row[c + e] * inv_den);
+        for (int e = 0; e < kTcVector; ++e) vals[e] = from_float<T>(__uint_as_float(words[e]) * inv_den);
         *reinterpret_cast<uint4*>(out + args.out_y_layout.offset(b, n, h) + c) = packed;
       }
     } else {

@@ -156,6 +156,15 @@ void launch_kernel(Kernel kernel, Grid grid, dim3 block, size_t smem_bytes, cuda
           &bound});
 }
 
+// The checked flavour's profiler (linfusion_ops.emulated.profile), told by the WMMA emulation
+// what one warp's matrix instruction touches: a 16 x 16 tile at ptr with ldm elements between
+// its memory rows (element_bytes 2: an operand fragment, modelled as ldmatrix.x4, four phases of
+// eight 16-byte rows; 4: an fp32 accumulator, modelled as four 8-byte-per-lane instructions in
+// the mma.m16n8 register layout), or one m16n16k16 MMA. No-ops in the fast flavour and while
+// profiling is off.
+void profile_tile_access(const void* ptr, unsigned ldm, unsigned element_bytes, bool write);
+void profile_mma();
+
 inline uint64_t pointer_key(const void* ptr, unsigned ldm) {
   return reinterpret_cast<uintptr_t>(ptr) * 1000003u + ldm;
 }
@@ -360,6 +369,7 @@ inline void load(Frag& f, const T* ptr, unsigned ldm, bool col_major, const char
       "wmma::load_matrix_sync", 0xffffffffu, linfusion_ops::emu::pointer_key(ptr, ldm), &me,
       [](void* const* lanes, unsigned) {
         const auto& src = *static_cast<LoadLane<Frag, T>*>(lanes[0]);
+        linfusion_ops::emu::profile_tile_access(src.ptr, src.ldm, sizeof(T), false);
         Frag tile;
         for (int r = 0; r < Frag::kRows; ++r) {
           for (int c = 0; c < Frag::kCols; ++c) {
@@ -404,6 +414,7 @@ inline void store_matrix_sync(T* ptr, const fragment<accumulator, 16, 16, 16, T>
       "wmma::store_matrix_sync", 0xffffffffu, linfusion_ops::emu::pointer_key(ptr, ldm), &me,
       [](void* const* lanes, unsigned) {
         const Lane& src = *static_cast<Lane*>(lanes[0]);
+        linfusion_ops::emu::profile_tile_access(src.ptr, src.ldm, sizeof(T), true);
         for (int r = 0; r < 16; ++r) {
           for (int c = 0; c < 16; ++c) {
             src.ptr[src.col_major ? c * src.ldm + r : r * src.ldm + c] = src.frag->x[r * 16 + c];
@@ -431,6 +442,7 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
       "wmma::mma_sync", 0xffffffffu, 0, &me,
       [](void* const* lanes, unsigned) {
         const Lane& src = *static_cast<Lane*>(lanes[0]);
+        linfusion_ops::emu::profile_mma();
         Acc out;
         for (int i = 0; i < 16; ++i) {
           for (int j = 0; j < 16; ++j) {

@@ -42,4 +42,47 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("clear_launch_log", &emu::clear_launch_log);
   m.def("selftest_names", &emu::selftest_names);
   m.def("run_selftest", &emu::run_selftest, pybind11::arg("name"));
+  m.def("set_profiling", &emu::set_profiling, pybind11::arg("on"));
+  m.def("take_profile", [] {
+    auto counters = [](const emu::ProfileCounters& c) {
+      pybind11::dict d;
+      d["requests"] = c.requests;
+      d["bytes"] = c.bytes;
+      d["units"] = c.units;
+      d["ideal"] = c.ideal;
+      return d;
+    };
+    auto dims = [](const dim3& v) { return pybind11::make_tuple(v.x, v.y, v.z); };
+    pybind11::list records;
+    for (const emu::ProfileRecord& r : emu::take_profile()) {
+      pybind11::dict d;
+      d["kernel"] = r.kernel;
+      d["grid"] = dims(r.grid);
+      d["block"] = dims(r.block);
+      d["dynamic_smem"] = r.dynamic_smem;
+      d["static_smem"] = r.static_smem;
+      d["blocks"] = r.blocks;
+      d["barriers"] = r.barriers;
+      d["mma"] = r.mma;
+      d["global_load"] = counters(r.global_load);
+      d["global_store"] = counters(r.global_store);
+      d["shared_load"] = counters(r.shared_load);
+      d["shared_store"] = counters(r.shared_store);
+      d["load_sectors"] = r.load_sectors;
+      d["store_sectors"] = r.store_sectors;
+      d["block_load_sectors"] = r.block_load_sectors;
+      d["block_store_sectors"] = r.block_store_sectors;
+      pybind11::list sites;
+      for (const emu::ProfileSite& s : r.sites) {
+        pybind11::dict site = counters(s.counters);
+        site["where"] = s.where;
+        site["space"] = s.shared ? "shared" : "global";
+        site["op"] = s.write ? "store" : "load";
+        sites.append(site);
+      }
+      d["sites"] = sites;
+      records.append(d);
+    }
+    return records;
+  });
 }

@@ -1,4 +1,4 @@
-// The checked flavour's shared-memory race detector. Its translation units are compiled with
+// The checked flavour's shared-memory race detector (and the entry of its profiler, profiler.cpp). Its translation units are compiled with
 // -fsanitize=thread, which makes every memory access call a __tsan_* hook; this file implements
 // those hooks itself (libtsan is not linked). Per byte of the running block's shared memory it
 // keeps the barrier interval and thread of the last write and of the last read(s), and reports:
@@ -92,7 +92,7 @@ std::string byte_name(uintptr_t address, const Active& a) {
 LINFUSION_EMU_NO_TSAN inline void access(uintptr_t address, size_t bytes, bool write,
                                          bool aligned, const void* pc) {
   const int thread = block_state.thread;
-  if (thread < 0) return;
+  if (thread < 0 || profiler_flags.busy) return;
   if (aligned && (address & (bytes - 1)) != 0) {
     report("misaligned access",
            std::to_string(bytes) + "-byte " + (write ? "write" : "read") + " at an address " +
@@ -100,9 +100,11 @@ LINFUSION_EMU_NO_TSAN inline void access(uintptr_t address, size_t bytes, bool w
                std::to_string(bytes),
            pc);
   }
-  for (int i = 0; i < g_active_count; ++i) {
+  bool shared = false;
+  for (int i = 0; i < g_active_count && !shared; ++i) {
     const Active& a = g_active[i];
     if (address - a.begin >= a.size) continue;
+    shared = true;
     const uint32_t now = block_state.interval;
     const size_t end = address - a.begin + bytes < a.size ? address - a.begin + bytes : a.size;
     for (size_t off = address - a.begin; off < end; ++off) {
@@ -143,8 +145,8 @@ LINFUSION_EMU_NO_TSAN inline void access(uintptr_t address, size_t bytes, bool w
         }
       }
     }
-    return;
   }
+  if (profiler_flags.on) profile_access(address, bytes, write, shared, pc);
 }
 
 }  // namespace
@@ -164,8 +166,15 @@ void race_detector_begin_launch(const std::vector<SmemRange>& ranges) {
 namespace emu = linfusion_ops::emu;
 
 LINFUSION_EMU_HOOK void __tsan_init() {}
-LINFUSION_EMU_HOOK void __tsan_func_entry(void*) {}
-LINFUSION_EMU_HOOK void __tsan_func_exit() {}
+// The profiler's shadow call stacks.
+LINFUSION_EMU_HOOK void __tsan_func_entry(void* caller_pc) {
+  if (emu::profiler_flags.on && !emu::profiler_flags.busy) {
+    emu::profile_func_entry(caller_pc, __builtin_return_address(0));
+  }
+}
+LINFUSION_EMU_HOOK void __tsan_func_exit() {
+  if (emu::profiler_flags.on && !emu::profiler_flags.busy) emu::profile_func_exit();
+}
 LINFUSION_EMU_HOOK void __tsan_vptr_update(void**, void*) {}
 LINFUSION_EMU_HOOK void __tsan_vptr_read(void**) {}
 

@@ -37,7 +37,7 @@ dim3 gridDim;
 namespace linfusion_ops {
 namespace emu {
 
-BlockState block_state{-1, 0, 0, nullptr, 0};
+BlockState block_state{-1, 0, 0, nullptr, 0, 0, 0};
 
 namespace {
 
@@ -350,6 +350,8 @@ void run_fiber(Fiber& f) {
   threadIdx = f.idx;
   g_current = &f;
   block_state.thread = f.linear;
+  block_state.stack_begin = reinterpret_cast<uintptr_t>(f.stack);
+  block_state.stack_end = block_state.stack_begin + kStackBytes;
 #if defined(__x86_64__)
   linfusion_emu_switch_context(&g_scheduler_sp, f.sp);
 #else
@@ -482,6 +484,9 @@ void resolve_stall() {
   for (int t = 0; t < n; ++t) {
     if (g_fibers[t]->state == State::kBarrier) g_fibers[t]->state = State::kReady;
   }
+#ifdef LINFUSION_OPS_EMU_CHECKED
+  profile_barrier();
+#endif
   block_state.interval = ++g_intervals;
 }
 
@@ -525,7 +530,12 @@ void run_block(uint64_t block_linear) {
       ready = ready || s == State::kReady;
       done += s == State::kDone;
     }
-    if (done == n) return;
+    if (done == n) {
+#ifdef LINFUSION_OPS_EMU_CHECKED
+      profile_end_block();
+#endif
+      return;
+    }
     if (!ready) resolve_stall();
   }
 }
@@ -610,6 +620,13 @@ void warp_rendezvous(const char* op, unsigned mask, uint64_t key, void* lane_dat
 
 unsigned char* dynamic_smem_base() { return g_dynamic_smem; }
 
+#ifdef LINFUSION_OPS_EMU_CHECKED
+void collective_site(const char** file, int* line) {
+  *file = g_op_file;
+  *line = g_op_line;
+}
+#endif
+
 cudaDeviceProp* device_properties() { return &g_props; }
 
 cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value,
@@ -654,7 +671,7 @@ void launch(const Launch& l) {
       g_launch = nullptr;
       g_current = nullptr;
       g_error.clear();
-      block_state = BlockState{-1, 0, 0, nullptr, 0};
+      block_state = BlockState{-1, 0, 0, nullptr, 0, 0, 0};
     }
   } reset;
   blockIdx = {0, 0, 0};
@@ -700,6 +717,9 @@ void launch(const Launch& l) {
   }
 #ifdef LINFUSION_OPS_EMU_CHECKED
   race_detector_begin_launch(ranges);
+  size_t static_smem = 0;
+  for (const SmemRange& r : info.statics) static_smem += r.size;
+  profile_begin_launch(info.name, l.grid, l.block, l.smem_bytes, static_smem);
 #endif
   block_state.ranges = ranges.data();
   block_state.range_count = static_cast<int>(ranges.size());
@@ -709,6 +729,9 @@ void launch(const Launch& l) {
                 static_cast<unsigned>(b / (uint64_t(l.grid.x) * l.grid.y))};
     run_block(static_cast<uint64_t>(b));
   }
+#ifdef LINFUSION_OPS_EMU_CHECKED
+  profile_end_launch();
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -765,6 +788,22 @@ void clear_launch_log() {
   std::lock_guard<std::mutex> lock(g_mutex);
   g_log.clear();
 }
+
+std::string function_name_at(const void* pc) {
+  const Symbol* s = SymbolTable::get().function_at(pc);
+  return s ? s->name : std::string();
+}
+
+#ifndef LINFUSION_OPS_EMU_CHECKED
+// The fast flavour has no profiler (its accesses are not instrumented).
+void profile_tile_access(const void*, unsigned, unsigned, bool) {}
+void profile_mma() {}
+void set_profiling(bool on) {
+  TORCH_CHECK(!on, "linfusion_ops emulator: the profiler needs the checked flavour "
+              "(build with LINFUSION_OPS_CUDA_EMU=checked)");
+}
+std::vector<ProfileRecord> take_profile() { return {}; }
+#endif
 
 std::string source_line(const void* pc) {
   const SymbolTable& table = SymbolTable::get();

@@ -44,6 +44,8 @@ struct BlockState {
   uint32_t block_interval;
   const SmemRange* ranges;
   int range_count;
+  uintptr_t stack_begin;  // the running fiber's stack (the profiler's "local" memory)
+  uintptr_t stack_end;
 };
 extern BlockState block_state;
 
@@ -54,6 +56,57 @@ c10::optional<at::Tensor> run_selftest(const std::string& name);
 
 // "file:line" of a code address in this module (addr2line on the module's debug info).
 std::string source_line(const void* pc);
+// The mangled name of the function of this module that holds code address pc ("" if none).
+std::string function_name_at(const void* pc);
+
+// The checked flavour's profiler: per-launch counters of the kernels' memory traffic, filled
+// from the same __tsan_* hooks as the race detector (linfusion_ops.emulated.profile).
+struct ProfileCounters {
+  uint64_t requests = 0;  // warp-level instructions (the k-th execution of one site by a warp)
+  uint64_t bytes = 0;     // bytes the lanes asked for
+  uint64_t units = 0;     // global: 32-byte sectors per request, summed; shared: wavefronts
+  uint64_t ideal = 0;     // shared: wavefronts without bank conflicts; global: distinct bytes
+};
+struct ProfileSite {
+  std::string where;  // file:line of the access
+  bool shared;
+  bool write;
+  ProfileCounters counters;
+};
+struct ProfileRecord {
+  std::string kernel;
+  dim3 grid, block;
+  size_t dynamic_smem = 0, static_smem = 0;
+  uint64_t blocks = 0, barriers = 0, mma = 0;
+  ProfileCounters global_load, global_store, shared_load, shared_store;
+  uint64_t load_sectors = 0, store_sectors = 0;                // distinct over the launch
+  uint64_t block_load_sectors = 0, block_store_sectors = 0;    // distinct per block, summed
+  std::vector<ProfileSite> sites;
+};
+void set_profiling(bool on);
+std::vector<ProfileRecord> take_profile();  // the records since the last call
+
+#ifdef LINFUSION_OPS_EMU_CHECKED
+// Called by the runtime around a launch and its blocks (the profiler's bookkeeping).
+void profile_begin_launch(const std::string& kernel, dim3 grid, dim3 block, size_t dynamic_smem,
+                          size_t static_smem);
+void profile_end_block();
+void profile_barrier();
+void profile_end_launch();
+
+// The profiler's side of the __tsan_* hooks (race_detector.cpp). While `busy`, the profiler's
+// own code runs and every hook returns at once.
+struct ProfilerFlags {
+  bool on;
+  bool busy;
+};
+extern ProfilerFlags profiler_flags;
+void profile_access(uintptr_t address, size_t bytes, bool write, bool shared, const void* pc);
+void profile_func_entry(const void* caller_pc, const void* callee_pc);
+void profile_func_exit();
+// The file and line of the warp collective being completed (for the profiler's WMMA sites).
+void collective_site(const char** file, int* line);
+#endif
 
 #ifdef LINFUSION_OPS_EMU_CHECKED
 // Called by the runtime when a launch starts: the shared-memory ranges it will use.

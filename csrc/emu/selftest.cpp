@@ -1,5 +1,6 @@
 // Deliberately broken kernels, one per emulator check, and a correct control ("ok"): the tests
-// run them through run_selftest to prove that every check fires. Compiled into the emulation
+// run them through run_selftest to prove that every check fires; and, in the checked flavour,
+// microkernels whose profiler counters are known ("profile_*"). Compiled into the emulation
 // modules only, never into linfusion_ops._C.
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
@@ -158,6 +159,94 @@ __global__ void schedule_dependent_kernel(int* out) {
 
 at::Tensor output(at::ScalarType dtype = at::kFloat) { return at::zeros({kThreads}, dtype); }
 
+}  // namespace
+}  // namespace emu
+
+// Microkernels with known profiler counters (test_emulator_profiler.py). Outside
+// linfusion_ops::emu, whose code the profiler leaves out as the emulator's own.
+namespace emu_profile {
+namespace {
+
+constexpr int kCopyThreads = 256;
+constexpr int kCopyBlocks = 4;
+constexpr int kCopyElements = kCopyThreads * kCopyBlocks;
+
+// One float per thread, consecutive threads consecutive words: 4 sectors per request.
+__global__ void coalesced_copy_kernel(const float* in, float* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  out[i] = in[i];
+}
+
+// Reads every other float: each load request touches twice the sectors it needs.
+__global__ void strided_copy_kernel(const float* in, float* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  out[i] = in[2 * i];
+}
+
+// Lane l reads word 32 l of shared memory: all 32 lanes in bank 0, 32 wavefronts.
+__global__ void bank_conflict_kernel(float* out) {
+  __shared__ float s[32 * 32];
+  for (int i = threadIdx.x; i < 32 * 32; i += blockDim.x) s[i] = static_cast<float>(i);
+  __syncthreads();
+  out[threadIdx.x] = s[threadIdx.x * 32];
+}
+
+// A 32 x 32 transpose through shared memory, rows padded to LD words: LD = 33 puts the 32
+// words of a column in 32 different banks, LD = 32 puts them all in one.
+template <int LD>
+__global__ void transpose_kernel(const float* in, float* out) {
+  __shared__ float tile[32 * LD];
+  const int x = threadIdx.x, y = threadIdx.y;
+  tile[y * LD + x] = in[y * 32 + x];
+  __syncthreads();
+  out[y * 32 + x] = tile[x * LD + y];
+}
+
+// One warp, kMmas m16n16k16 products of 16 x 16 fp16 tiles held in shared memory.
+constexpr int kMmas = 3;
+__global__ void mma_kernel(float* out) {
+  namespace wmma = nvcuda::wmma;
+  __shared__ __align__(128) __half a[16 * 16];
+  __shared__ __align__(128) float c[16 * 16];
+  for (int i = threadIdx.x; i < 16 * 16; i += blockDim.x) a[i] = __float2half_rn(1.f);
+  __syncthreads();
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.f);
+  wmma::load_matrix_sync(fa, a, 16);
+  wmma::load_matrix_sync(fb, a, 16);
+  for (int i = 0; i < kMmas; ++i) wmma::mma_sync(acc, fa, fb, acc);
+  wmma::store_matrix_sync(c, acc, 16, wmma::mem_row_major);
+  __syncthreads();
+  for (int i = threadIdx.x; i < 16 * 16; i += blockDim.x) out[i] = c[i];
+}
+
+at::Tensor ramp(int64_t n) { return at::arange(n, at::kFloat); }
+
+at::Tensor copy(void (*kernel)(const float*, float*), int stride) {
+  const at::Tensor in = ramp(int64_t(kCopyElements) * stride);
+  at::Tensor out = at::empty({kCopyElements}, at::kFloat);
+  launch_kernel(kernel, kCopyBlocks, kCopyThreads, 0, nullptr, in.data_ptr<float>(),
+                out.data_ptr<float>());
+  return out;
+}
+
+template <int LD>
+at::Tensor transpose() {
+  const at::Tensor in = ramp(32 * 32);
+  at::Tensor out = at::empty({32, 32}, at::kFloat);
+  launch_kernel(transpose_kernel<LD>, 1, dim3(32, 32), 0, nullptr, in.data_ptr<float>(),
+                out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace
+}  // namespace emu_profile
+
+namespace emu {
+namespace {
+
 template <typename Kernel>
 c10::optional<at::Tensor> run(Kernel kernel, dim3 block = dim3(kThreads), size_t smem = 0) {
   at::Tensor out = output();
@@ -199,6 +288,24 @@ const std::vector<Selftest>& selftests() {
       {"race_write_read", true, [] { return run(race_write_read_kernel); }},
       {"uninitialized_smem_read", true, [] { return run(uninitialized_smem_read_kernel); }},
       {"misaligned_access", true, [] { return run(misaligned_access_kernel); }},
+      {"profile_coalesced_copy", true,
+       [] { return emu_profile::copy(emu_profile::coalesced_copy_kernel, 1); }},
+      {"profile_strided_copy", true,
+       [] { return emu_profile::copy(emu_profile::strided_copy_kernel, 2); }},
+      {"profile_bank_conflict", true,
+       []() -> c10::optional<at::Tensor> {
+         at::Tensor out = at::empty({32}, at::kFloat);
+         launch_kernel(emu_profile::bank_conflict_kernel, 1, 32, 0, nullptr, out.data_ptr<float>());
+         return out;
+       }},
+      {"profile_transpose_padded", true, [] { return emu_profile::transpose<33>(); }},
+      {"profile_transpose_unpadded", true, [] { return emu_profile::transpose<32>(); }},
+      {"profile_mma", true,
+       []() -> c10::optional<at::Tensor> {
+         at::Tensor out = at::empty({16, 16}, at::kFloat);
+         launch_kernel(emu_profile::mma_kernel, 1, 32, 0, nullptr, out.data_ptr<float>());
+         return out;
+       }},
       {"schedule_dependent", false,
        []() -> c10::optional<at::Tensor> {
          at::Tensor out = output(at::kInt);

@@ -1,0 +1,127 @@
+"""On a GPU: measured times of the ops next to the emulator model's predictions (calibration of
+benchmarks/emu_profile.py; run by benchmarks/gpu_check.sh).
+
+    python benchmarks/gpu_vs_model.py [--out DIR] [--ncu]
+
+For each op, dtype, head dim and pass that benchmarks/results/emu_profile.json predicts at
+N = 64K (linear attention at B = 2, H = 8; LayerNorm at 2 N rows; merge at 64 segments), it
+times the same pass on the GPU (CUDA events, median) and writes gpu_vs_model_<gpu>.json:
+
+    {"device", "torch", "commit", "model_device", "cases": [{"op", "path", "dtype", "dim",
+     "pass", "measured_ms", "predicted_ms", "measured_over_predicted", "floor_ms"}],
+     "ncu": {case: {metric: value}}}   (with --ncu and Nsight Compute's ncu on PATH)
+
+The model device is the H100 profile when the GPU's name says H100 / H200, the A100 one
+otherwise. A ratio near 1 means the roofline bound is tight; well above 1, the model misses
+what it cannot see (L2 misses, latency not hidden, clocks).
+"""
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import linfusion_ops  # noqa: E402
+from benchmarks.common import git_commit, time_ms  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+NCU_METRICS = ",".join([
+    "gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.sum",
+    "l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum", "l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum",
+    "l1tex__t_requests_pipe_lsu_mem_global_op_st.sum", "l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum",
+    "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum", "smsp__inst_executed_op_shared_ld.sum",
+    "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum", "smsp__inst_executed_op_shared_st.sum",
+    "sm__warps_active.avg.pct_of_peak_sustained_active",
+])
+
+
+def make_pass(op, dtype, d, pass_, device):
+    """(fn, description) running one pass of the case at its 64K size."""
+    g = torch.Generator(device=device).manual_seed(0)
+    if op == "linear_attention":
+        b, n, h = 2, 65536, 8
+        q, k, v = (torch.randn(b, n, h * d, device=device, dtype=dtype, generator=g).requires_grad_() for _ in range(3))
+        fwd = lambda: linfusion_ops.linear_attention(q, k, v, h)  # noqa: E731
+    elif op == "layer_norm":
+        x = torch.randn(2 * 65536, d, device=device, dtype=dtype, generator=g).requires_grad_()
+        w = torch.ones(d, device=device, dtype=dtype, requires_grad=True)
+        bias = torch.zeros(d, device=device, dtype=dtype, requires_grad=True)
+        fwd = lambda: linfusion_ops.layer_norm_leaky_relu(x, w, bias)  # noqa: E731
+    else:
+        segments, length, prompts = 64, 77, 2
+        embeds = torch.randn(segments, length, d, device=device, dtype=dtype, generator=g).requires_grad_()
+        keep = torch.zeros(segments, length, dtype=torch.bool, device=device)
+        keep[:, :61] = True
+        ids = (torch.arange(segments, device=device) % prompts).sort().values
+        pad = torch.zeros(d, device=device, dtype=dtype, requires_grad=True)
+        tokens = length * math.ceil(segments / prompts)
+        fwd = lambda: linfusion_ops.merge_segments(embeds, keep, ids, prompts, tokens, pad)[0]  # noqa: E731
+    if pass_ == "fwd":
+        return fwd
+    out = fwd()
+    grad = torch.randn_like(out)
+    return lambda: out.backward(grad, retain_graph=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--ncu", action="store_true", help="also collect Nsight Compute counters (needs ncu)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, run under ncu
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_vs_model: no CUDA GPU")
+    model = json.loads((RESULTS / "emu_profile.json").read_text())
+    name = torch.cuda.get_device_name()
+    model_device = "H100" if ("H100" in name or "H200" in name) else "A100"
+    entries = []
+    for e in model["results"]:
+        big = "64" if e["op"] == "merge_segments" else "65536"
+        for pass_, r in e["passes"].items():
+            case = f"{e['op']}-{e['path']}-{e['dtype']}-{e['dim']}-{pass_}"
+            entries.append((case, e, pass_, r["predicted"][f"{model_device}@{big}"]))
+    if args.case:  # under ncu: run the one case a few times
+        case, e, pass_, _ = next(x for x in entries if x[0] == args.case)
+        fn = make_pass(e["op"], DTYPES[e["dtype"]], e["dim"], pass_, "cuda")
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        return
+    cases = []
+    for case, e, pass_, pred in entries:
+        fn = make_pass(e["op"], DTYPES[e["dtype"]], e["dim"], pass_, "cuda")
+        ms = time_ms(fn, "cuda")
+        cases.append({"case": case, "op": e["op"], "path": e["path"], "dtype": e["dtype"], "dim": e["dim"],
+                      "pass": pass_, "measured_ms": ms, "predicted_ms": 1e3 * pred["seconds"],
+                      "floor_ms": 1e3 * pred["floor_seconds"],
+                      "measured_over_predicted": ms / (1e3 * pred["seconds"])})
+        print(f"{case}: measured {ms:.3f} ms, predicted {1e3 * pred['seconds']:.3f} ms", flush=True)
+        del fn
+        torch.cuda.empty_cache()
+    ncu = {}
+    if args.ncu and shutil.which("ncu"):
+        for c in cases:
+            if c["dim"] not in (40, 64, 320, 768):
+                continue
+            run = subprocess.run(["ncu", "--csv", "--metrics", NCU_METRICS, sys.executable, __file__, "--case", c["case"]],
+                                 capture_output=True, text=True, timeout=300)
+            ncu[c["case"]] = run.stdout[-20000:] if run.returncode == 0 else f"ncu failed: {run.stderr[-2000:]}"
+    doc = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "commit": git_commit(),
+           "model_device": model_device, "model_commit": model.get("commit"), "cases": cases, "ncu": ncu}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gpu_vs_model_{name.replace(' ', '_')}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"gpu_vs_model: wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
