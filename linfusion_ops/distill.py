@@ -19,6 +19,12 @@ Output: `output_dir/checkpoint-<step>/` every `--checkpointing_steps` optimizer 
 the accelerate training state (optimizer, RNG; `--resume_from_checkpoint latest` continues from
 it) and `linfusion/`, a LinFusion in the official format (config.json + safetensors, readable by
 `LinFusion.from_pretrained` and the official class); the final LinFusion in `output_dir`.
+
+Resuming: with `--seed`, every random draw of a step (the VAE latent sample, the noise, the
+timesteps) comes from a generator seeded by (seed, micro-batch index, process index), and the
+data order of epoch e is a function of (seed, e); so a run resumed from any checkpoint makes the
+draws the uninterrupted run made and ends with bitwise the same weights (fp32). The data is
+checked (folder, images, captions) before any model loads.
 """
 
 import argparse
@@ -27,10 +33,13 @@ import io
 import json
 import math
 import os
+import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -126,10 +135,18 @@ def _folder_samples(folder, caption_column="text"):
     metadata = folder / "metadata.jsonl"
     captions = {}
     if metadata.exists():
-        for line in metadata.read_text().splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                captions[(folder / entry["file_name"]).resolve()] = entry
+        try:
+            lines = metadata.read_text().splitlines()
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    entry = json.loads(line)
+                    captions[(folder / entry["file_name"]).resolve()] = entry
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"--train_data_dir: cannot read {metadata}: {error}") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"--train_data_dir: {metadata} line {number} is not a JSON object with a \"file_name\": {error}"
+            ) from None
     samples = []
     for path in images:
         if metadata.exists():
@@ -137,7 +154,10 @@ def _folder_samples(folder, caption_column="text"):
             caption = None if entry is None else entry.get(caption_column)
         else:
             side = path.with_suffix(".txt")
-            caption = side.read_text().strip() if side.exists() else None
+            try:
+                caption = side.read_text().strip() if side.exists() else None
+            except (OSError, UnicodeDecodeError) as error:
+                raise ValueError(f"--train_data_dir: cannot read {side}: {error}") from None
         if caption is None:
             raise ValueError(
                 f"--train_data_dir: no caption for {path} (expected a {caption_column!r} entry in "
@@ -215,7 +235,10 @@ class _HubSamples:
         return row[self.image_column], caption[0] if isinstance(caption, (list, tuple)) else caption
 
 
-def build_dataset(args, tokenizers, resolution) -> CaptionedImages:
+def load_samples(args):
+    """The (image or path, caption) pairs that --train_data_dir / --dataset_name name, checked:
+    a missing or empty folder, an image without a caption or an unreadable caption file raise a
+    one-line ValueError. Reads no model."""
     if args.train_data_dir is not None:
         samples = _folder_samples(args.train_data_dir, args.caption_column)
     else:
@@ -223,9 +246,24 @@ def build_dataset(args, tokenizers, resolution) -> CaptionedImages:
 
         hub = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
         samples = _HubSamples(hub, args.image_column, args.caption_column)
+    if len(samples) == 0:
+        raise ValueError(f"--dataset_name: {args.dataset_name} has no training rows")
     if args.max_train_samples is not None:
         samples = [samples[i] for i in range(min(args.max_train_samples, len(samples)))]
-    return CaptionedImages(samples, tokenizers, resolution)
+    return samples
+
+
+def build_dataset(args, tokenizers, resolution, samples=None) -> CaptionedImages:
+    """The training dataset; samples: load_samples(args) when already read."""
+    return CaptionedImages(load_samples(args) if samples is None else samples, tokenizers, resolution)
+
+
+def step_generator(seed, micro_step, rank, device):
+    """A torch.Generator on `device` seeded by (seed, micro_step, rank), all non-negative ints:
+    the source of every random draw of one micro-batch, so that a resumed run draws what the
+    uninterrupted run drew whatever the global RNGs hold."""
+    state = np.random.SeedSequence([seed, micro_step, rank]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,6 +324,9 @@ def main(args=None):
 
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
+    samples = load_samples(args)  # before any model loads or output folder is made
+    # The per-step draws' seed; without --seed a fresh one (then a resume is not bitwise).
+    base_seed = args.seed % 2**63 if args.seed is not None else random.SystemRandom().randrange(2**63)
     logger = get_logger(__name__)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -295,7 +336,7 @@ def main(args=None):
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
         # Seeded shuffling, so that a resumed run sees the batches the interrupted one would have.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     if args.seed is not None:
         set_seed(args.seed)
@@ -325,7 +366,7 @@ def main(args=None):
     teacher_tap = None if teacher_unet is None else Attn1FeatureTap(teacher_unet, linfusion.modules_dict)
 
     resolution = args.resolution or unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-    dataset = build_dataset(args, tokenizers, resolution)
+    dataset = build_dataset(args, tokenizers, resolution, samples)
     dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers
     )
@@ -394,14 +435,17 @@ def main(args=None):
         batches = dataloader
         if epoch == first_epoch and skip_batches:
             batches = accelerator.skip_first_batches(dataloader, skip_batches)
-        for batch in batches:
+        first_batch = skip_batches if epoch == first_epoch else 0
+        for index, batch in enumerate(batches, start=epoch * len(dataloader) + first_batch):
+            generator = step_generator(base_seed, index, accelerator.process_index, accelerator.device)
             with accelerator.accumulate(student):
                 with torch.no_grad():
                     pixels = batch["pixel_values"].to(accelerator.device, dtype=vae.dtype)
-                    latents = (vae.encode(pixels).latent_dist.sample() * vae_scale).float()
-                    noise = torch.randn_like(latents)
+                    latents = (vae.encode(pixels).latent_dist.sample(generator=generator) * vae_scale).float()
+                    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
                     timesteps = torch.randint(
-                        0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+                        0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device,
+                        generator=generator,
                     )
                     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
                     text, pooled = encode_text(text_encoders, batch, accelerator.device)
@@ -462,4 +506,7 @@ def _save_checkpoint(accelerator, args, global_step):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as error:  # bad data or checkpoint: one line, no traceback
+        sys.exit(f"error: {error}")

@@ -427,6 +427,93 @@ def test_script_runs_resumes_and_saves_official_format(tmp_path, monkeypatch):
         assert torch.isfinite(unet(noisy, t, **kwargs).sample).all()
 
 
+def checkpoint_state(folder):
+    """(LinFusion state dict, optimizer state dict) of a saved checkpoint folder."""
+    linfusion = LinFusion.from_pretrained(folder / "linfusion").state_dict()
+    optimizer = torch.load(folder / "optimizer.bin", weights_only=False)
+    return linfusion, optimizer
+
+
+def assert_optimizer_states_equal(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for key, state in a["state"].items():
+        assert state.keys() == b["state"][key].keys()
+        for name, value in state.items():
+            assert torch.equal(value, b["state"][key][name]), (key, name)
+
+
+# 3 images, batch 2: two batches per epoch (the second a single image). With accumulation 2 an
+# optimizer step is a whole epoch; with accumulation 1, step 1 is mid-epoch and step 2 an epoch end.
+@pytest.mark.parametrize(
+    "accumulation, total, resume_at",
+    [(1, 3, 1), (1, 3, 2), (2, 2, 1)],
+    ids=["mid_epoch", "epoch_boundary", "accumulation2"],
+)
+def test_script_resume_is_bitwise_equal_to_uninterrupted_run(tmp_path, monkeypatch, accumulation, total, resume_at):
+    pipe = save_pipeline(tmp_path, "sd15")
+    data = tmp_path / "images"
+    write_captioned_images(data, sizes=((24, 20), (20, 28), (16, 16)), captions="txt")
+    extra = ("--checkpointing_steps", "1", "--gradient_accumulation_steps", str(accumulation))
+
+    counter = StepCounter(monkeypatch)
+    straight_dir = tmp_path / "straight"
+    straight = run_script(cli_args(pipe, data, straight_dir, "--max_train_steps", str(total), *extra))
+    straight_calls = list(counter.calls)
+
+    out = tmp_path / "resumed"
+    run_script(cli_args(pipe, data, out, "--max_train_steps", str(resume_at), *extra))
+    counter.calls.clear()
+    resumed = run_script(
+        cli_args(pipe, data, out, "--max_train_steps", str(total), "--resume_from_checkpoint", "latest", *extra)
+    )
+    # The resumed run made the uninterrupted run's last forward passes, on the same inputs.
+    tail = straight_calls[len(straight_calls) - len(counter.calls):]
+    assert len(straight_calls) == total * accumulation
+    assert len(counter.calls) == (total - resume_at) * accumulation
+    for a, b in zip(tail, counter.calls):
+        assert torch.equal(a["encoder_hidden_states"], b["encoder_hidden_states"])
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), f"{name}: max abs difference {(a - b).abs().max().item():.3g}"
+    final = f"checkpoint-{total}"
+    straight_weights, straight_optimizer = checkpoint_state(straight_dir / final)
+    resumed_weights, resumed_optimizer = checkpoint_state(out / final)
+    for name, value in straight_weights.items():
+        assert torch.equal(value, resumed_weights[name]), name
+    assert_optimizer_states_equal(straight_optimizer, resumed_optimizer)
+
+
+def test_script_rejects_bad_data_before_loading_models(tmp_path, monkeypatch):
+    def no_models(args):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(distill, "load_models", no_models)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_caption = tmp_path / "no_caption"
+    write_captioned_images(no_caption, sizes=((16, 16),) * 2, captions="txt")
+    (no_caption / "img1.txt").unlink()
+    unreadable = tmp_path / "unreadable"
+    write_captioned_images(unreadable, sizes=((16, 16),), captions="txt")
+    (unreadable / "img0.txt").write_bytes(b"\xff\xfe\xfa caption")
+    bad_jsonl = tmp_path / "bad_jsonl"
+    write_captioned_images(bad_jsonl, sizes=((16, 16),), captions="jsonl")
+    (bad_jsonl / "metadata.jsonl").write_text("{not json\n")
+    cases = [
+        (tmp_path / "missing", "is not a folder"),
+        (empty, "no images"),
+        (no_caption, "no caption for"),
+        (unreadable, "cannot read"),
+        (bad_jsonl, "line 1 is not a JSON object"),
+    ]
+    for folder, message in cases:
+        out = tmp_path / f"out_{folder.name}"
+        with pytest.raises(ValueError, match=message) as caught:
+            run_script(cli_args("no-such-pipeline", folder, out, "--max_train_steps", "1"))
+        assert "\n" not in str(caught.value) and str(caught.value).startswith("--train_data_dir: ")
+        assert not out.exists(), folder.name
+
+
 def test_script_sdxl_time_ids_and_dataset_name(tmp_path, monkeypatch):
     pipe = save_pipeline(tmp_path, "xl")
     data = tmp_path / "images"
