@@ -35,11 +35,14 @@ from linfusion_ops.highres import (  # noqa: E402
     dilated_convs,
     gaussian_blur,
     gaussian_kernel,
+    Stage,
+    check_stages,
     match_channel_stats,
+    plan_chain,
     plan_stages,
     plan_super_resolution,
 )
-from linfusion_ops.highres.pipeline import has_linfusion  # noqa: E402
+from linfusion_ops.highres.pipeline import has_linfusion, resize_image  # noqa: E402
 from tiny_models import (  # noqa: E402
     load_tiny_ip_adapter,
     make_linfusion,
@@ -126,6 +129,67 @@ def test_plan_super_resolution():
 def test_plan_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         plan_stages(**kwargs)
+
+
+# The official SD 1.5 notebook chain: a 512x1024 (h x w) base at 50 steps, then img2img to
+# 1024x2048, 2048x4096, 4096x8192 and 8192x16384 at strengths 0.4, 0.3, 0.2, 0.1.
+NOTEBOOK_SIZES = [(512, 1024), (1024, 2048), (2048, 4096), (4096, 8192), (8192, 16384)]
+NOTEBOOK_STRENGTHS = (0.4, 0.3, 0.2, 0.1)
+
+
+def test_plan_chain_reproduces_the_sd15_notebook_chain():
+    stages = plan_chain(512, 1024, NOTEBOOK_STRENGTHS, sample_size=64, num_inference_steps=50)
+    assert [(s.height, s.width) for s in stages] == NOTEBOOK_SIZES
+    assert [s.strength for s in stages] == [1.0, 0.4, 0.3, 0.2, 0.1]
+    assert [s.num_inference_steps for s in stages] == [50, 20, 15, 10, 5]
+    assert [s.index for s in stages] == [0, 1, 2, 3, 4]
+    assert [s.ratio for s in stages] == [2, 4, 8, 16, 32]  # long side / 512
+    # explicit sizes give the same plan; the timesteps are img2img's last steps of 50
+    explicit = plan_chain(512, 1024, NOTEBOOK_STRENGTHS, sizes=NOTEBOOK_SIZES[1:], sample_size=64)
+    assert explicit == stages
+    timed = plan_chain(512, 1024, NOTEBOOK_STRENGTHS, sample_size=64, scheduler=scheduler("euler"))
+    full = scheduler("euler")
+    full.set_timesteps(50)
+    for stage in timed:
+        assert stage.timesteps == tuple(full.timesteps[50 - stage.num_inference_steps:].tolist())
+    assert check_stages(stages, vae_scale_factor=8, num_inference_steps=50) == stages
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(strengths=(0.4, 0.0)), "strength must be in"),
+        (dict(strengths=(1.5,)), "strength must be in"),
+        (dict(strengths=(0.4,), sizes=[(1024, 2048), (2048, 4096)]), "one size per stage"),
+        (dict(strengths=(0.4,), sizes=[(1020, 2048)]), "multiple of vae_scale_factor"),
+        (dict(base_height=500), "multiple of vae_scale_factor"),
+        (dict(base_width=0), "positive int"),
+    ],
+)
+def test_plan_chain_rejects_bad_arguments(kwargs, match):
+    args = dict(base_height=512, base_width=1024, strengths=NOTEBOOK_STRENGTHS, sample_size=64)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        plan_chain(**args)
+
+
+def test_check_stages_rejects_bad_plans():
+    good = plan_chain(512, 1024, (0.4, 0.3), sample_size=64)
+    check = dict(vae_scale_factor=8, num_inference_steps=50)
+    cases = [
+        ([], "at least one Stage"),
+        ([good[0], (1024, 2048)], "must be a Stage"),
+        ([good[0], good[2]], "index must be 1"),
+        (good, "super-resolution has no base stage"),
+        ([Stage(0, 512, 1024, 1, 0.5, 25)], "base stage"),
+        ([good[0], Stage(1, 1024, 2048, 4, 0.4, 0)], r"num_inference_steps must be an int in \[1, 50\]"),
+        ([good[0], Stage(1, 1024, 2048, 4, 0.4, 51)], r"num_inference_steps must be an int in \[1, 50\]"),
+        ([good[0], Stage(1, 1024, 2048, 0, 0.4, 20)], "ratio must be a positive int"),
+    ]
+    for stages, match in cases:
+        with pytest.raises(ValueError, match=match):
+            check_stages(stages, super_resolution=match.startswith("super"), **check)
+    assert check_stages(good[1:], super_resolution=True, **check) == good[1:]
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
@@ -682,3 +746,65 @@ def test_xl_fp16_runs_with_the_vae_upcast(tmp_path):
     assert out.images.dtype == torch.float16 and torch.isfinite(out.images).all()
     assert [tuple(x.shape) for x in out.stage_images] == [(1, 3, 16, 16), (1, 3, 32, 32)]
     assert pipe.vae.dtype == torch.float16 and pipe.unet.dtype == torch.float16  # upcast undone
+
+
+# ---------------------------------------------------------------------------------------------
+# Explicit stage plans (stages=).
+def test_notebook_chain_end_to_end_on_a_tiny_sd15(tmp_path):
+    """The notebook's plan scaled to the tiny model (native 16 px, VAE x2): a 16x32 base at 50
+    steps, then 32x64, 64x128, 128x256, 256x512 at strengths 0.4/0.3/0.2/0.1 (20/15/10/5 steps),
+    as plain img2img stages (method="sdedit")."""
+    pipe = sd_highres(tmp_path)
+    stages = plan_chain(16, 32, NOTEBOOK_STRENGTHS, sample_size=8, vae_scale_factor=2, num_inference_steps=50)
+    out = run(pipe, stages=stages, num_inference_steps=50, method="sdedit", guidance_scale=1.0)
+    assert pipe.stages == stages
+    stats = pipe.stage_stats
+    assert [(s["height"], s["width"], s["steps"]) for s in stats] == [
+        (16, 32, 50), (32, 64, 20), (64, 128, 15), (128, 256, 10), (256, 512, 5)
+    ]
+    assert [s["unet_evaluations_per_image"] for s in stats] == [50, 20, 15, 10, 5]  # no CFG: 1 per step
+    assert out.images.shape == (1, 4, 128, 256) and torch.isfinite(out.images).all()
+    # DemoFusion on the plan's first stages: a local and a global pass per upscaling step (ratio > 1)
+    run(pipe, stages=stages[:3], num_inference_steps=50, guidance_scale=1.0)
+    assert [s["unet_evaluations_per_image"] for s in pipe.stage_stats] == [50, 40, 30]
+
+
+@pytest.mark.parametrize("method", ["demofusion", "sdedit"])
+def test_an_explicit_plan_equal_to_the_automatic_one_gives_the_same_run(tmp_path, method):
+    pipe = sd_highres(tmp_path)
+    auto = run(pipe, height=64, width=64, upscale_strength=0.5, method=method).images
+    automatic = pipe.stages
+    stages = plan_chain(16, 16, (0.5, 0.25), sample_size=8, vae_scale_factor=2, num_inference_steps=4)
+    assert stages == automatic
+    explicit = run(pipe, stages=stages, method=method).images
+    torch.testing.assert_close(explicit, auto, rtol=0, atol=0)
+
+
+def test_multi_stage_super_resolution_refines_the_previous_stage(tmp_path):
+    """With image= and two stages, the input feeds the first stage only: the second encodes the
+    first stage's decoded output (it used to re-encode the input image at every stage)."""
+    pipe = sd_highres(tmp_path)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    stages = [Stage(1, 32, 32, 2, 0.5, 2), Stage(2, 64, 64, 4, 0.25, 1)]
+    encoded, encode = [], pipe._encode
+    pipe._encode = lambda img, *a: encoded.append(img.clone()) or encode(img, *a)
+    out = run(pipe, image=image, stages=stages, method="sdedit", return_stages=True)
+    del pipe._encode
+    assert len(encoded) == 2 and [s["height"] for s in pipe.stage_stats] == [32, 64]
+    source = pipe.image_processor.preprocess(image)
+    torch.testing.assert_close(encoded[0], resize_image(source, 32, 32), rtol=0, atol=0)
+    torch.testing.assert_close(encoded[1], resize_image(pipe._decode(out.stage_images[0]), 64, 64), rtol=0, atol=0)
+    assert (encoded[1] - resize_image(source, 64, 64)).abs().max() > 0.1
+
+
+def test_bad_explicit_plans_raise(tmp_path):
+    pipe = sd_highres(tmp_path)
+    stages = plan_chain(16, 16, (0.5,), sample_size=8, vae_scale_factor=2, num_inference_steps=4)
+    with pytest.raises(ValueError, match="differs from the last stage's size"):
+        run(pipe, stages=stages, height=64, width=64)
+    with pytest.raises(ValueError, match="super-resolution has no base stage"):
+        run(pipe, stages=stages, image=torch.rand(1, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"stages\[1\].num_inference_steps must be an int in \[1, 1\]"):
+        run(pipe, stages=[Stage(0, 16, 16, 1, 1.0, 1), stages[1]], num_inference_steps=1)
+    out = run(pipe, stages=stages, height=32, width=32)  # the last stage's size is accepted
+    assert out.images.shape == (1, 4, 16, 16)

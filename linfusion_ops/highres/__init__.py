@@ -1,6 +1,7 @@
 """linfusion_ops.highres: LinFusion's ultra-high-resolution generation as diffusers pipelines.
 
-* `plan_stages`, `plan_super_resolution`, `Stage`: the stage plans (pure, no diffusers).
+* `plan_stages`, `plan_super_resolution`, `plan_chain` (explicit), `check_stages`, `Stage`: the
+  stage plans (pure, no diffusers).
 * `LinFusionHighResPipeline` (SD 1.5 / 2.1), `LinFusionHighResXLPipeline` (SD XL): staged
   DemoFusion / SDEdit generation and super-resolution, built with `from_pipe(pipe)`.
 * `dilated_convs`, `gaussian_blur`, `match_channel_stats`, `demofusion_weights`: DemoFusion's
@@ -20,6 +21,8 @@ _LAZY = {
     "Stage": ".stages",
     "plan_stages": ".stages",
     "plan_super_resolution": ".stages",
+    "plan_chain": ".stages",
+    "check_stages": ".stages",
     "DemoFusionWeights": ".demofusion",
     "demofusion_weights": ".demofusion",
     "dilated_convs": ".demofusion",

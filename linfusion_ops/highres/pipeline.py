@@ -44,7 +44,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..linfusion import LinFusion, LinFusionAttnProcessor
 from .demofusion import blurred_for_global_pass, channel_stats, demofusion_weights, dilated_convs, match_channel_stats
-from .stages import Stage, plan_stages, plan_super_resolution, stage_timesteps
+from .stages import Stage, check_stages, plan_stages, plan_super_resolution, stage_timesteps
 
 logger = logging.get_logger(__name__)
 
@@ -325,10 +325,13 @@ class _HighResMixin:
                     batch, self.unet.config.in_channels, stage.height, stage.width, dtype, device, generator, latents
                 )
             else:
-                source = _expand_batch((image if image is not None else decoded).to(device), batch, "image")
+                # The input image feeds the first stage only; later stages refine the previous
+                # stage's output (a multi-stage super-resolution plan is a chain, as text-to-image).
+                from_input = decoded is None
+                source = _expand_batch((image if from_input else decoded).to(device), batch, "image")
                 clean = self._encode(resize_image(source, stage.height, stage.width), generator, dtype)
                 source = decoded = None  # a full-size image: not kept while the stage runs
-                if image is not None:
+                if from_input:
                     anchor = channel_stats(clean)
                 noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=dtype)
                 latents = self.scheduler.add_noise(clean, noise, ctx["timesteps"][:1].expand(batch))
@@ -364,7 +367,19 @@ class _HighResMixin:
             return (images, stage_images, nsfw)
         return LinFusionHighResPipelineOutput(images=images, stage_images=stage_images, nsfw_content_detected=nsfw)
 
-    def _plan(self, image, height, width, num_inference_steps, upscale_strength) -> List[Stage]:
+    def _plan(self, image, height, width, num_inference_steps, upscale_strength, stages=None) -> List[Stage]:
+        if stages is not None:
+            self._stages = check_stages(
+                stages, vae_scale_factor=self.vae_scale_factor, num_inference_steps=num_inference_steps,
+                super_resolution=image is not None,
+            )
+            final = self._stages[-1]
+            if (height or final.height, width or final.width) != (final.height, final.width):
+                raise ValueError(
+                    f"height x width ({height}x{width}) differs from the last stage's size "
+                    f"({final.height}x{final.width}): with stages=, leave them out or give the last stage's size"
+                )
+            return self._stages
         plan = plan_super_resolution if image is not None else plan_stages
         self._stages = plan(
             height,
@@ -424,8 +439,13 @@ class _HighResMixin:
             tensor_inputs = options["callback_on_step_end"].tensor_inputs
         image = options["image"]
         image = None if image is None else self.image_processor.preprocess(image)
-        height, width = self._target_size(image, options["height"], options["width"])
-        self._plan(image, height, width, options["num_inference_steps"], options["upscale_strength"])
+        stages = options["stages"]
+        if stages is not None:
+            self._plan(image, options["height"], options["width"], options["num_inference_steps"], None, stages)
+            height, width = self._stages[-1].height, self._stages[-1].width
+        else:
+            height, width = self._target_size(image, options["height"], options["width"])
+            self._plan(image, height, width, options["num_inference_steps"], options["upscale_strength"])
         return image, height, width, tensor_inputs
 
     def _target_size(self, image, height, width):
@@ -469,6 +489,12 @@ _CALL_DOC = """
             control_image: the ControlNet condition (when the pipeline has a controlnet), resized
                 to every stage's size; controlnet_conditioning_scale scales its residuals.
             return_stages: also return every stage's image (output.stage_images, base first).
+            stages: an explicit stage plan (a list of `Stage`, e.g. from
+                `linfusion_ops.highres.plan_chain`) instead of the automatic one; validated by
+                `check_stages` (with image=: upscaling stages only, indices 1, 2, ...; the input
+                feeds the first, each later stage refines the previous one's output).
+                upscale_strength is then unused; height/width, if given, must be the last
+                stage's size.
             callback_on_step_end: called after every step of every stage with the step index
                 within the stage; `pipe.stage_index`, `pipe.stages` and `pipe.num_timesteps` say
                 where it is. Setting `pipe._interrupt = True` stops the run: the latest latents
@@ -559,6 +585,7 @@ class LinFusionHighResPipeline(_HighResMixin, StableDiffusionPipeline):
         control_image=None,
         controlnet_conditioning_scale: float = 1.0,
         return_stages: bool = False,
+        stages: Optional[List[Stage]] = None,
     ):
         options = dict(locals())
         image, height, width, tensor_inputs = self._begin(options)
@@ -672,6 +699,7 @@ class LinFusionHighResXLPipeline(_HighResMixin, StableDiffusionXLPipeline):
         control_image=None,
         controlnet_conditioning_scale: float = 1.0,
         return_stages: bool = False,
+        stages: Optional[List[Stage]] = None,
     ):
         options = dict(locals())
         image, height, width, tensor_inputs = self._begin(options)

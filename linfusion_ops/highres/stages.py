@@ -167,3 +167,99 @@ def plan_super_resolution(
         1, out_h, out_w, ratio, float(upscale_strength), stage_steps(num_inference_steps, upscale_strength)
     )
     return _with_timesteps([stage], scheduler, num_inference_steps)
+
+
+def _check_size(name, value, vae_scale_factor):
+    _check_positive_int(name, value)
+    if value % vae_scale_factor:
+        raise ValueError(f"{name} must be a multiple of vae_scale_factor={vae_scale_factor}, got {value}")
+
+
+def _ratio(height, width, sample_size, vae_scale_factor):
+    return max(math.ceil(max(height, width) / (sample_size * vae_scale_factor) - _CEIL_SLACK), 1)
+
+
+def plan_chain(
+    base_height: int,
+    base_width: int,
+    strengths,
+    *,
+    sizes=None,
+    sample_size: int,
+    vae_scale_factor: int = 8,
+    num_inference_steps: int = 50,
+    scheduler=None,
+) -> List[Stage]:
+    """An explicit stage plan: a base stage at base_height x base_width pixels (any size, e.g.
+    512 x 1024 for SD 1.5), then one upscaling stage per entry of `strengths` (each in (0, 1]),
+    stage k at sizes[k - 1] ((height, width) pixels) or, without `sizes`, base x 2^k.
+    Stage k denoises ceil(num_inference_steps * strengths[k - 1]) steps; every stage's ratio is
+    ceil(long side / native long side), as in `plan_super_resolution` (1 at most the native size).
+    The official SD 1.5 notebook chain is plan_chain(512, 1024, (0.4, 0.3, 0.2, 0.1),
+    sample_size=64): 512x1024, 1024x2048, 2048x4096, 4096x8192, 8192x16384 (h x w) at
+    50, 20, 15, 10, 5 steps. Arguments otherwise as in `plan_stages`; returns
+    [base stage, upscaling stage 1, ..., n] (see `Stage`)."""
+    _check_args(base_height, base_width, sample_size, vae_scale_factor, num_inference_steps, 1.0)
+    _check_size("base_height", base_height, vae_scale_factor)
+    _check_size("base_width", base_width, vae_scale_factor)
+    strengths = tuple(strengths)
+    if sizes is None:
+        sizes = [(base_height * 2**k, base_width * 2**k) for k in range(1, len(strengths) + 1)]
+    sizes = [tuple(size) for size in sizes]
+    if len(sizes) != len(strengths):
+        raise ValueError(f"sizes has {len(sizes)} entries but strengths has {len(strengths)}: give one size per stage")
+    stages = [
+        Stage(
+            0, base_height, base_width, _ratio(base_height, base_width, sample_size, vae_scale_factor), 1.0,
+            num_inference_steps,
+        )
+    ]
+    for k, ((height, width), strength) in enumerate(zip(sizes, strengths), start=1):
+        stages.append(
+            Stage(
+                k, height, width, _ratio(height, width, sample_size, vae_scale_factor), float(strength),
+                stage_steps(num_inference_steps, strength) if _is_strength(strength) else 0,
+            )
+        )
+    check_stages(stages, vae_scale_factor=vae_scale_factor, num_inference_steps=num_inference_steps)
+    return _with_timesteps(stages, scheduler, num_inference_steps)
+
+
+def _is_strength(value):
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= 1
+
+
+def check_stages(stages, *, vae_scale_factor: int, num_inference_steps: int, super_resolution: bool = False):
+    """Validate a stage plan given by hand (a list of `Stage`), raising a one-line ValueError:
+    at least one stage; indices 0, 1, ..., n (1, ..., n for super-resolution, which has no base
+    stage); sizes positive multiples of vae_scale_factor; the base stage at strength 1.0 with all
+    num_inference_steps steps; upscaling strengths in (0, 1] with 1 <= steps <= num_inference_steps;
+    ratios positive ints. Returns the stages as a list."""
+    stages = list(stages)
+    if not stages:
+        raise ValueError("stages must hold at least one Stage")
+    first = 1 if super_resolution else 0
+    for position, stage in enumerate(stages):
+        if not isinstance(stage, Stage):
+            raise ValueError(f"stages[{position}] must be a Stage, got {type(stage).__name__}")
+        if stage.index != first + position:
+            what = "super-resolution has no base stage: indices 1, 2, ..." if super_resolution else "indices 0, 1, ..."
+            raise ValueError(f"stages[{position}].index must be {first + position} ({what}), got {stage.index}")
+        _check_size(f"stages[{position}].height", stage.height, vae_scale_factor)
+        _check_size(f"stages[{position}].width", stage.width, vae_scale_factor)
+        _check_positive_int(f"stages[{position}].ratio", stage.ratio)
+        if stage.index == 0:
+            if stage.strength != 1.0 or stage.num_inference_steps != num_inference_steps:
+                raise ValueError(
+                    f"stages[0] (the base stage) must have strength 1.0 and num_inference_steps={num_inference_steps}, "
+                    f"got {stage.strength!r} and {stage.num_inference_steps!r}"
+                )
+            continue
+        if not _is_strength(stage.strength):
+            raise ValueError(f"stages[{position}].strength must be in (0, 1], got {stage.strength!r}")
+        steps = stage.num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_inference_steps:
+            raise ValueError(
+                f"stages[{position}].num_inference_steps must be an int in [1, {num_inference_steps}], got {steps!r}"
+            )
+    return stages
