@@ -15,7 +15,7 @@ students carry the same LinFusion weights (projections copied from the UNet, ran
   linfusion_ops.reference.official_linear_attention), the way the official mount_to swaps in
   its modules.
 
-A step is what the student costs in linfusion_ops.training's distillation: the student forward
+A step is what the student costs in linfusion_ops.linfusion.distillation's distillation: the student forward
 with the attn1 feature tap, the loss against the (shared, precomputed) teacher's output and
 features, the backward and an AdamW step over LinFusion's parameters. The teacher pass (the
 UNet's own softmax attention under no_grad) is the same for both and timed once on its own.
@@ -87,7 +87,7 @@ def official_modules(unet, linfusion, replacements):
 
 
 def make_step(unet, linfusion, params, batch, teacher_pred, teacher_feats):
-    from linfusion_ops.training import Attn1FeatureTap, distillation_loss
+    from linfusion_ops.linfusion.distillation import Attn1FeatureTap, distillation_loss
 
     tap = Attn1FeatureTap(unet, linfusion.modules_dict)
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
@@ -175,7 +175,7 @@ def main():
     from diffusers.utils import logging as diffusers_logging
 
     import linfusion_ops
-    from linfusion_ops.training import Attn1FeatureTap, init_linfusion, teacher_forward, trainable_parameters
+    from linfusion_ops.linfusion.distillation import Attn1FeatureTap, init_linfusion, teacher_forward, trainable_parameters
 
     diffusers_logging.set_verbosity_error()
     meta = {

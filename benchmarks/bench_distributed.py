@@ -3,7 +3,7 @@ all-gather of keys and values that softmax attention needs.
 
 Per self-attention layer, with the image tokens split evenly over W ranks:
 
-* linear attention (linfusion_ops.distributed): one all-reduce of
+* linear attention (linfusion_ops.linfusion.distributed): one all-reduce of
   M = 4 * (B*H*D*(D+1) + B + 8) bytes (fp32 state, key sums, key counts and the 8-value rank
   check), whatever the resolution;
 * softmax attention: every rank needs every key and value: an all-gather of
@@ -46,7 +46,7 @@ RESOLUTIONS = [512, 1024, 2048, 4096, 8192, 16384]
 MODELS = {"SD 1.5": (320, 8, 1), "SD XL": (640, 10, 2)}
 # resolutions measured on gloo, per model (the all-gather grows with res^2)
 MEASURED = {"SD 1.5": [512, 1024, 2048], "SD XL": [512, 1024, 2048, 4096]}
-FINGERPRINT_VALUES = 8  # linfusion_ops.distributed packs 4 digits as (d, d^2)
+FINGERPRINT_VALUES = 8  # linfusion_ops.linfusion.distributed packs 4 digits as (d, d^2)
 
 
 def tokens(model: str, res: int) -> int:

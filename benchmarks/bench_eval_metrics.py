@@ -172,7 +172,7 @@ def main(argv=None):
             seconds, done = timed(clip_pass)
             record("clip_score", f"CLIP {kind} ({params:.0f}M)", done, seconds)
             if kind == "ViT-L/14":
-                from linfusion_ops.preference import CLIPPreferenceScorer
+                from linfusion_ops.longalign.preference import CLIPPreferenceScorer
 
                 scorer = CLIPPreferenceScorer(model, tokenizer, crop_size=None, random_crop=False)
 

@@ -364,8 +364,7 @@ def stage_rows():
     import tempfile
     from pathlib import Path
 
-    sys.path.insert(0, os.path.join(ROOT, "python_tests"))
-    from tiny_models import make_linfusion, tiny_sd_pipeline, tiny_sdxl_pipeline
+    from tests.helpers.tiny_models import make_linfusion, tiny_sd_pipeline, tiny_sdxl_pipeline
 
     from linfusion_ops.highres import LinFusionHighResPipeline, LinFusionHighResXLPipeline
 

@@ -33,12 +33,12 @@ fi
 "$PYTHON" -c "import linfusion_ops; print('gpu_check: built', linfusion_ops.build_info())"
 echo "gpu_check: build done at $(elapsed)s"
 
-"$PYTHON" -m pytest python_tests -q -m "not slow" -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_check_tests.log"
+"$PYTHON" -m pytest tests -q -m "not slow" -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_check_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "gpu_check: tests done at $(elapsed)s"
 
 if [ "$(elapsed)" -lt "$SLOW_TESTS_IF_ELAPSED_BELOW" ]; then
-  timeout 150 "$PYTHON" -m pytest python_tests -q -m slow -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_check_slow_tests.log"
+  timeout 150 "$PYTHON" -m pytest tests -q -m slow -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_check_slow_tests.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   echo "gpu_check: slow tests done at $(elapsed)s"
 else

@@ -1,5 +1,5 @@
 """What one LongAlign reward fine-tuning step costs per sample: UNet calls and backward passes
-of linfusion_ops.preference.RewardSampler, counted with hooks in a small run (a small random
+of linfusion_ops.longalign.preference.RewardSampler, counted with hooks in a small run (a small random
 SD 1.5-shaped UNet, VAE and CLIP preference model on CPU; the counts do not depend on the model
 size or the device).
 
@@ -25,9 +25,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel
 
 from benchmarks.common import git_commit
-from linfusion_ops.preference import (
-    CLIPPreferenceScorer, RewardSampler, add_longalign_lora, common_direction, decomposed_score,
-)
+from linfusion_ops.longalign.lora import add_longalign_lora
+from linfusion_ops.longalign.preference import CLIPPreferenceScorer, RewardSampler, common_direction, decomposed_score
 
 BATCH = 2
 UNET = dict(

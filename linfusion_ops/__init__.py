@@ -1,15 +1,27 @@
 """linfusion_ops: CUDA and C++ kernels for LinFusion's generalized linear attention and
 LongAlign's segment-level text encoding, as PyTorch custom ops with autograd.
 
-The diffusers integration (LinFusion, LinFusionAttnProcessor), the long-prompt encoder
-(LongPromptEncoder), LongSD's T5 path (LongSDAdapter, load_longsd_lora), LongAlign's preference
-optimization (CLIPPreferenceScorer, RewardSampler, linfusion_ops.preference), LinFusion
-distillation (linfusion_ops.training: Attn1FeatureTap, distillation_loss), the high-resolution
-pipelines (linfusion_ops.highres) and linfusion_ops.distributed load on first use, so `import linfusion_ops` needs only torch.
+The op layer (this package's ops, reference, emulated) needs only torch. The features live in
+one package per paper and load on first use:
+
+* linfusion_ops.linfusion: LinFusion for diffusers UNets (LinFusion, LinFusionAttnProcessor),
+  sequence-parallel attention (linfusion.distributed) and distillation (linfusion.distillation,
+  the training script linfusion.distill);
+* linfusion_ops.longalign: the long-prompt encoder (LongPromptEncoder), LongSD's T5 path
+  (LongSDAdapter, load_longsd_lora), the LoRA layout (longalign.lora), the preference score and
+  reward sampler (CLIPPreferenceScorer, RewardSampler) and the fine-tuning script
+  (longalign.finetune);
+* linfusion_ops.highres: the ultra-high-resolution pipelines.
+
+The names below resolve lazily, so `import linfusion_ops` imports neither diffusers nor
+transformers. The module paths of the flat layout (linfusion_ops.training, .distributed,
+.preference, .long_prompt, .longsd, .kernel_mlp, .distill) still work for one release, with a
+DeprecationWarning.
 """
 
 import importlib
 
+from . import _deprecated
 from ._library import build_info, compiled
 from .ops import (
     layer_norm_leaky_relu,
@@ -21,19 +33,22 @@ from .ops import (
 
 __version__ = "0.1.0"
 
+_deprecated.install()
+
 _LAZY = {
-    "LinFusion": "linfusion_ops.linfusion",
-    "LinFusionAttnProcessor": "linfusion_ops.linfusion",
-    "LongPromptEncoder": "linfusion_ops.long_prompt",
-    "CLIPPreferenceScorer": "linfusion_ops.preference",
-    "RewardSampler": "linfusion_ops.preference",
-    "LongSDAdapter": "linfusion_ops.longsd",
-    "load_longsd_lora": "linfusion_ops.longsd",
-    "distributed": "linfusion_ops.distributed",
-    "training": "linfusion_ops.training",
-    "Attn1FeatureTap": "linfusion_ops.training",
-    "distillation_loss": "linfusion_ops.training",
+    "linfusion": "linfusion_ops.linfusion",
+    "longalign": "linfusion_ops.longalign",
     "highres": "linfusion_ops.highres",
+    "LinFusion": "linfusion_ops.linfusion.model",
+    "LinFusionAttnProcessor": "linfusion_ops.linfusion.processor",
+    "has_linfusion": "linfusion_ops.linfusion.model",
+    "Attn1FeatureTap": "linfusion_ops.linfusion.distillation",
+    "distillation_loss": "linfusion_ops.linfusion.distillation",
+    "LongPromptEncoder": "linfusion_ops.longalign.long_prompt",
+    "LongSDAdapter": "linfusion_ops.longalign.longsd",
+    "load_longsd_lora": "linfusion_ops.longalign.longsd",
+    "CLIPPreferenceScorer": "linfusion_ops.longalign.preference",
+    "RewardSampler": "linfusion_ops.longalign.preference",
     "LinFusionHighResPipeline": "linfusion_ops.highres.pipeline",
     "LinFusionHighResXLPipeline": "linfusion_ops.highres.pipeline",
 }
@@ -43,6 +58,8 @@ def __getattr__(name):
     if name in _LAZY:
         module = importlib.import_module(_LAZY[name])
         return module if _LAZY[name] == f"{__name__}.{name}" else getattr(module, name)
+    if f"{__name__}.{name}" in _deprecated.MOVED:
+        return _deprecated.moved_module(f"{__name__}.{name}", stacklevel=2)
     raise AttributeError(f"module 'linfusion_ops' has no attribute {name!r}")
 
 
@@ -54,18 +71,5 @@ __all__ = [
     "linear_attention_apply",
     "linear_attention_state",
     "merge_segments",
-    "LinFusion",
-    "LinFusionAttnProcessor",
-    "LongPromptEncoder",
-    "CLIPPreferenceScorer",
-    "RewardSampler",
-    "LongSDAdapter",
-    "load_longsd_lora",
-    "distributed",
-    "training",
-    "Attn1FeatureTap",
-    "distillation_loss",
-    "highres",
-    "LinFusionHighResPipeline",
-    "LinFusionHighResXLPipeline",
+    *_LAZY,
 ]

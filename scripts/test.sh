@@ -3,4 +3,4 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k merge -x`.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-python -m pytest python_tests -q -rs "$@"
+python -m pytest tests -q -rs "$@"

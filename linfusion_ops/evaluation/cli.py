@@ -152,7 +152,7 @@ def _metrics(args) -> dict:
             CLIPImageProcessor.from_pretrained(args.clip_model),
         )
     if args.preference_model:
-        from ..preference import CLIPPreferenceScorer
+        from ..longalign.preference import CLIPPreferenceScorer
 
         scorer = CLIPPreferenceScorer.from_pretrained(
             args.preference_model, args.preference_tokenizer, crop_size=None, random_crop=False

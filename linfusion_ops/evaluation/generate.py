@@ -304,7 +304,7 @@ def load_pipeline(
             for the pipeline; any other value is a LinFusion folder or hub repository.
         lora: a diffusers LoRA (folder or ``.safetensors``, ``pipe.load_lora_weights``) or
             LongAlign's ``lora_vis.pt`` list (a ``.pt`` / ``.bin`` file, loaded into the UNet with
-            :func:`linfusion_ops.preference.lora_from_longalign_list`).
+            :func:`linfusion_ops.longalign.preference.lora_from_longalign_list`).
         highres: wrap in :class:`linfusion_ops.highres.LinFusionHighResPipeline` (or the XL one),
             which mounts LinFusion when it is not yet.
         disable_safety_checker: drop SD's safety checker (it blacks out flagged samples, which
@@ -317,12 +317,12 @@ def load_pipeline(
         pipe.safety_checker = None
     # LinFusion first: a LoRA then wraps the mounted attention's projections too.
     if linfusion is not None:
-        from .. import LinFusion
+        from ..linfusion import LinFusion
 
         LinFusion.construct_for(pipe, pretrained_model_name_or_path=None if linfusion == "auto" else linfusion)
     if lora is not None:
         if lora.endswith((".pt", ".bin")) and os.path.isfile(lora):
-            from ..preference import lora_from_longalign_list
+            from ..longalign.preference import lora_from_longalign_list
 
             lora_from_longalign_list(pipe.unet, torch.load(lora, map_location="cpu", weights_only=True))
         else:

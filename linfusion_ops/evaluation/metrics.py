@@ -15,7 +15,7 @@ size). Every metric reads these uint8 images.
   torchmetrics), and as the mean raw cosine, the number LinFusion's table reports. The official
   code prepends "A photo depicts " to every caption.
 * Decomposed preference score (:class:`PreferenceScores`): LongAlign's relevant / irrelevant /
-  total split from :mod:`linfusion_ops.preference`, with the common direction taken over all
+  total split from :mod:`linfusion_ops.longalign.preference`, with the common direction taken over all
   evaluated captions.
 """
 
@@ -368,20 +368,20 @@ class PreferenceScores:
     """LongAlign's decomposed score of every image against its caption, batch by batch.
 
     The text embeddings (sentence means) of all captions are computed at construction, the
-    common direction e is their normalised mean (:func:`linfusion_ops.preference.common_direction`
+    common direction e is their normalised mean (:func:`linfusion_ops.longalign.preference.common_direction`
     over the whole evaluated set), then each image batch given to :meth:`update` (in caption
-    order) is scored with :func:`linfusion_ops.preference.decomposed_score`.
+    order) is scored with :func:`linfusion_ops.longalign.preference.decomposed_score`.
 
     Args:
         captions: one per image, in image order.
-        scorer: a :class:`linfusion_ops.preference.CLIPPreferenceScorer` (for evaluation built
+        scorer: a :class:`linfusion_ops.longalign.preference.CLIPPreferenceScorer` (for evaluation built
             with ``crop_size=None`` so that every image is scored whole and deterministically).
         weight: w of the total score ``relevant + w · irrelevant`` (LongAlign: 0.3).
         text_batch_size: captions per text-tower call.
     """
 
     def __init__(self, captions: Sequence[str], scorer, *, weight: float = 0.3, text_batch_size: int = 64):
-        from ..preference import common_direction
+        from ..longalign.preference import common_direction
 
         self.captions = list(captions)
         if not self.captions:
@@ -397,7 +397,7 @@ class PreferenceScores:
     @torch.no_grad()
     def update(self, images: torch.Tensor) -> None:
         """Score the next (B, 3, H, W) uint8 images against the next B captions."""
-        from ..preference import decomposed_score
+        from ..longalign.preference import decomposed_score
 
         stop = self.count + images.shape[0]
         if stop > len(self.captions):

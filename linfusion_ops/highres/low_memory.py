@@ -53,8 +53,8 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.utils import BaseOutput
 
-from ..kernel_mlp import apply_kernel_mlp
-from ..linfusion import LINFUSION_EPS, LinFusionAttnProcessor
+from ..linfusion.kernel_mlp import apply_kernel_mlp
+from ..linfusion.processor import LINFUSION_EPS, LinFusionAttnProcessor
 from ..ops import linear_attention_apply, linear_attention_state
 from .memory import free_storage, host_twin, model_peak, parse_bytes
 

@@ -42,7 +42,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..linfusion import LinFusion, LinFusionAttnProcessor
+from ..linfusion.model import LinFusion, has_linfusion
 from .demofusion import blurred_for_global_pass, channel_stats, demofusion_weights, dilated_convs, match_channel_stats
 from .stages import Stage, check_stages, plan_stages, plan_super_resolution, stage_timesteps
 
@@ -62,11 +62,6 @@ class LinFusionHighResPipelineOutput(BaseOutput):
     images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
     stage_images: Optional[List[Any]] = None
     nsfw_content_detected: Optional[List[bool]] = None
-
-
-def has_linfusion(unet) -> bool:
-    """Whether a LinFusion is mounted on `unet` (its self-attention runs LinFusionAttnProcessor)."""
-    return any(isinstance(p, LinFusionAttnProcessor) for p in unet.attn_processors.values())
 
 
 def resize_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

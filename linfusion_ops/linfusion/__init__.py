@@ -1,0 +1,51 @@
+"""linfusion_ops.linfusion: LinFusion (Liu et al., 2024) on linfusion_ops' kernels.
+
+* `LinFusion`, `has_linfusion`, `GeneralizedLinearAttention`, `MODEL_DICT` (model): the
+  official checkpoints' layers, mounted on a diffusers UNet's self-attention.
+* `LinFusionAttnProcessor`, `LINFUSION_EPS` (processor): the attention processor.
+* `apply_kernel_mlp` (and the module kernel_mlp): LinFusion's kernel-function MLPs.
+* `SequenceParallelLinFusionAttnProcessor`, `token_slice` (distributed): sequence-parallel
+  LinFusion attention over torch.distributed ranks (its `linear_attention` is
+  `linfusion_ops.linfusion.distributed.linear_attention`).
+* `Attn1FeatureTap`, `distillation_loss`, ... (distillation): what one distillation step
+  computes; `linfusion_ops.linfusion.distill` is the training script built on it
+  (`python -m linfusion_ops.linfusion.distill --help`).
+
+Every name loads its module on first use, so importing the package costs nothing.
+"""
+
+import importlib
+
+_LAZY = {
+    "LinFusion": ".model",
+    "GeneralizedLinearAttention": ".model",
+    "MODEL_DICT": ".model",
+    "has_linfusion": ".model",
+    "LinFusionAttnProcessor": ".processor",
+    "LINFUSION_EPS": ".processor",
+    "apply_kernel_mlp": ".kernel_mlp",
+    "SequenceParallelLinFusionAttnProcessor": ".distributed",
+    "token_slice": ".distributed",
+    "Attn1FeatureTap": ".distillation",
+    "DistillationLoss": ".distillation",
+    "distillation_loss": ".distillation",
+    "distillation_forward": ".distillation",
+    "init_linfusion": ".distillation",
+    "teacher_forward": ".distillation",
+    "trainable_parameters": ".distillation",
+}
+
+_SUBMODULES = ("model", "processor", "kernel_mlp", "distributed", "distillation", "distill")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module("." + name, __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -1,0 +1,207 @@
+"""Sample generation of linfusion_ops.evaluation.generate on a tiny random SD pipeline: seeds,
+captions, per-sample determinism, resume after a kill, two gloo processes, bad input."""
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from linfusion_ops.evaluation import cli
+from linfusion_ops.evaluation.generate import (
+    METADATA_FILE,
+    RUN_FILE,
+    generate,
+    load_pipeline,
+    parse_seeds,
+    plan_samples,
+    read_captions,
+    sample_file,
+)
+
+CAPTIONS = ["a red cat", "two blue dogs", "green tree", "a house by the sea", "snow"]
+SEEDS = range(100, 105)
+CALL = dict(num_inference_steps=2, height=32, width=32, guidance_scale=7.5)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    from tests.helpers.tiny_models import tiny_sd_pipeline
+
+    folder = tmp_path_factory.mktemp("pipe")
+    tiny_sd_pipeline(folder / "tok").save_pretrained(folder / "sd")
+    return folder / "sd"
+
+
+@pytest.fixture(scope="module")
+def pipe(pipeline_dir):
+    return load_pipeline(str(pipeline_dir), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def reference_run(pipe, tmp_path_factory):
+    """One uninterrupted single-process run of all samples, batch size 1."""
+    out = tmp_path_factory.mktemp("reference")
+    generate(pipe, plan_samples(CAPTIONS, SEEDS), str(out), progress=False, **CALL)
+    return out
+
+
+@pytest.fixture(scope="module")
+def batched_run(pipe, tmp_path_factory):
+    """The same run with batch size 2."""
+    out = tmp_path_factory.mktemp("batched")
+    result = generate(pipe, plan_samples(CAPTIONS, SEEDS), str(out), batch_size=2, progress=False, **CALL)
+    assert result == {"generated": 5, "skipped": 0, "total": 5}
+    return out
+
+
+def png_bytes(folder):
+    return {n: (folder / n).read_bytes() for n in sorted(os.listdir(folder)) if n.endswith(".png")}
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-3") == [0, 1, 2, 3]
+    assert parse_seeds("1,2,5-7") == [1, 2, 5, 6, 7]
+    assert len(parse_seeds("0-29999")) == 30000
+    for bad in ["", "3-1", "-1", "a", "1,,2"]:
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)
+
+
+def test_plan_and_caption_errors(tmp_path):
+    (tmp_path / "c.txt").write_text("  a cat \n\n b dog\n")
+    assert read_captions(tmp_path / "c.txt") == ["a cat", "b dog"]
+    plan = plan_samples(["x", "y", "z"], [7, 8, 9, 10], num=2)
+    assert [(s.index, s.seed, s.caption) for s in plan] == [(0, 7, "x"), (1, 8, "y")]
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match="no captions"):
+        read_captions(tmp_path / "empty.txt")
+    with pytest.raises(ValueError, match="2 seeds for 3 samples"):
+        plan_samples(["x", "y", "z"], [0, 1])
+    with pytest.raises(ValueError, match="more samples than"):
+        plan_samples(["x"], [0, 1], num=2)
+
+
+def test_generate_writes_pngs_metadata_and_is_batch_invariant(reference_run, batched_run):
+    records = [json.loads(line) for line in (reference_run / METADATA_FILE).read_text().splitlines()]
+    assert [(r["index"], r["seed"], r["caption"], r["file"]) for r in records] == [
+        (i, 100 + i, c, sample_file(i)) for i, c in enumerate(CAPTIONS)
+    ]
+    run = json.loads((reference_run / RUN_FILE).read_text())
+    assert run["num_samples"] == 5 and run["height"] == 32 and run["num_inference_steps"] == 2
+    # A sample's noise comes from its own seed: batching does not change it.
+    from PIL import Image
+
+    for name in png_bytes(reference_run):
+        a = np.asarray(Image.open(reference_run / name), dtype=np.int16)
+        b = np.asarray(Image.open(batched_run / name), dtype=np.int16)
+        assert a.shape == (32, 32, 3) and a.std() > 0
+        assert np.abs(a - b).max() <= 1  # batched convolutions may round one level apart
+
+
+class Killed(Exception):
+    pass
+
+
+class KilledAfter:
+    """The pipeline, dying (as a killed process would) at its call number `calls + 1`."""
+
+    def __init__(self, pipe, calls):
+        self.pipe, self.calls, self.prompts = pipe, calls, []
+
+    def __call__(self, **kwargs):
+        if len(self.prompts) == self.calls:
+            raise Killed
+        self.prompts.append(list(kwargs["prompt"]))
+        return self.pipe(**kwargs)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(pipe, batched_run, tmp_path):
+    plan = plan_samples(CAPTIONS, SEEDS)
+    killed = KilledAfter(pipe, calls=2)
+    with pytest.raises(Killed):
+        generate(killed, plan, str(tmp_path), batch_size=2, progress=False, **CALL)
+    assert sorted(png_bytes(tmp_path)) == [sample_file(i) for i in range(4)]
+    assert not (tmp_path / METADATA_FILE).exists()  # the folder does not look complete
+    # A PNG half-written when the process died stays under its hidden temporary name.
+    (tmp_path / ".000004.png.tmp-12345").write_bytes(b"\x89PNG half")
+
+    resumed = KilledAfter(pipe, calls=100)
+    result = generate(resumed, plan, str(tmp_path), batch_size=2, progress=False, **CALL)
+    assert result == {"generated": 1, "skipped": 4, "total": 5}
+    assert resumed.prompts == [CAPTIONS[4:]]
+    assert png_bytes(tmp_path) == png_bytes(batched_run)
+    assert (tmp_path / METADATA_FILE).read_text() == (batched_run / METADATA_FILE).read_text()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_resume_with_other_settings_is_refused(pipe, reference_run):
+    before = png_bytes(reference_run)
+    with pytest.raises(ValueError, match="another run .*num_inference_steps"):
+        generate(pipe, plan_samples(CAPTIONS, SEEDS), str(reference_run), progress=False,
+                 **dict(CALL, num_inference_steps=3))
+    assert png_bytes(reference_run) == before
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_worker(rank, world, port, pipeline_dir, outdir, log_dir):
+    # What torchrun / accelerate launch set for every rank.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from linfusion_ops.evaluation.generate import distributed_setup
+
+    rank_, world_, device = distributed_setup("cpu")
+    assert (rank_, world_, device.type) == (rank, world, "cpu")
+    assert torch.distributed.get_backend() == "gloo"
+    recorder = KilledAfter(load_pipeline(pipeline_dir, dtype=torch.float32), calls=100)
+    result = generate(recorder, plan_samples(CAPTIONS, SEEDS), outdir, rank=rank, world_size=world,
+                      progress=False, **CALL)
+    with open(os.path.join(log_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"result": result, "prompts": [p for call in recorder.prompts for p in call]}, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_write_each_sample_once_and_equal_one_process(pipeline_dir, reference_run, tmp_path):
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    logs.mkdir()
+    mp.spawn(_rank_worker, args=(2, _free_port(), str(pipeline_dir), str(out), str(logs)), nprocs=2, join=True)
+    ranks = [json.loads((logs / f"rank{r}.json").read_text()) for r in range(2)]
+    prompts = [p for r in ranks for p in r["prompts"]]
+    assert sorted(prompts) == sorted(CAPTIONS)  # every sample generated exactly once
+    assert ranks[0]["prompts"] == CAPTIONS[0::2] and ranks[1]["prompts"] == CAPTIONS[1::2]
+    assert [r["result"]["generated"] for r in ranks] == [3, 2]
+    assert png_bytes(out) == png_bytes(reference_run)
+    assert (out / METADATA_FILE).read_text() == (reference_run / METADATA_FILE).read_text()
+
+
+def test_generate_cli_matches_library_and_rejects_bad_input(pipeline_dir, reference_run, tmp_path, capsys):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(CAPTIONS) + "\n")
+    out = tmp_path / "cli"
+    args = ["generate", "--pipeline", str(pipeline_dir), "--captions", str(captions), "--outdir", str(out),
+            "--seeds", "100-104", "--steps", "2", "--resolution", "32", "--dtype", "fp32", "--device", "cpu",
+            "--no-progress"]
+    assert cli.main(args) == 0
+    assert png_bytes(out) == png_bytes(reference_run)
+    assert "5 samples" in capsys.readouterr().out
+
+    (tmp_path / "empty.txt").write_text("")
+    bad_inputs = [
+        ["--captions", str(tmp_path / "empty.txt"), "--seeds", "0-4"],
+        ["--captions", str(captions), "--seeds", "0-3"],
+        ["--captions", str(captions), "--seeds", "0-9", "--call-kwargs", "[1]"],
+    ]
+    for extra in bad_inputs:
+        target = tmp_path / "bad"
+        code = cli.main(["generate", "--pipeline", str(pipeline_dir), "--outdir", str(target), "--no-progress"] + extra)
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and err.startswith("linfusion_ops.evaluation generate: error:")
+        assert not target.exists()
