@@ -29,7 +29,7 @@ from benchmarks import emu_profile as ep  # noqa: E402
 from linfusion_ops import emulated  # noqa: E402
 
 TARGET_N = (16384, 65536, 1 << 20)
-TARGET_B, TARGET_H = 2, 8  # B * H = 16: SD 1.5 at 1024^2 and above (DESIGN.md's example shape)
+TARGET_B, TARGET_H = 2, 8  # B * H = 16: SD 1.5 at 1024^2 and above (the example shape of docs/performance.md)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
 

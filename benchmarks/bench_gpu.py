@@ -3,7 +3,7 @@
 Measures the device-to-device copy bandwidth in the same run, then times every case of
 benchmarks/gpu_cases_linear_attention.py and (when present) benchmarks/gpu_cases_norm_merge.py:
 each module's cases(device) yields (case dict, fn, bytes). Writes
-<out>/<date>_<commit>_<gpu>.json in the format of issue 3,
+<out>/<date>_<commit>_<gpu>.json in the format of benchmarks/README.md,
 
   {"commit", "device", "torch", "cuda", "copy_gbps",
    "cases": [{"op", "pass", "impl", <shape keys>, "dtype", "ms", "gbps", "bw_fraction"}]}

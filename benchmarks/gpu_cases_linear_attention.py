@@ -1,4 +1,4 @@
-"""GPU benchmark cases of linear attention (issue 3).
+"""GPU benchmark cases of linear attention.
 
 `cases(device)` yields `(case, fn, bytes)`: `case` is a dict in the results format of
 benchmarks/bench_gpu.py (op, pass, impl, B, N, H, D, dtype), `fn` a no-argument callable to time
@@ -20,7 +20,7 @@ import linfusion_ops
 from linfusion_ops import reference
 
 B = 2
-# (N, H, D): Stable Diffusion self-attention at 512^2 ... 16K^2 latents (issue 3).
+# (N, H, D): Stable Diffusion self-attention at 512^2 ... 16K^2 latents.
 SHAPES = [
     (4096, 8, 40),
     (65536, 8, 40),

@@ -1,4 +1,4 @@
-"""GPU benchmark cases of layer_norm_leaky_relu and merge_segments (issue 4).
+"""GPU benchmark cases of layer_norm_leaky_relu and merge_segments.
 
 `cases(device)` yields `(case, fn, bytes)`: `case` is a dict in the results format of the GPU
 benchmark (op, pass, impl, shape keys, dtype), `fn` a no-argument callable to time, and `bytes`

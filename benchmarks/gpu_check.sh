@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command GPU check (issue 3), for a machine with an NVIDIA GPU and no network:
+# One-command GPU check, for a machine with an NVIDIA GPU and no network:
 #   1. builds linfusion_ops in place for the local GPU's arch only, with every core;
 #   2. runs the test suite (`-m "not slow"`), then the slow tests if time allows;
 #   3. runs benchmarks/bench_gpu.py, which writes <date>_<commit>_<gpu>.json and .png;

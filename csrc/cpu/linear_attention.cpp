@@ -1,4 +1,4 @@
-// CPU kernels of generalized linear attention (DESIGN.md, section 1): the state pass, the apply
+// CPU kernels of generalized linear attention (docs/design.md, op contract 1): the state pass, the apply
 // pass and their backwards.
 //
 // Tokens are cut into chunks, and at::parallel_for runs units of (batch, group of consecutive

@@ -1,6 +1,6 @@
 // What the .cu files need from the toolchain beyond the kernels themselves: the kernel launch,
 // dynamic shared memory, the op registration and the device of the tensors. nvcc builds them for
-// linfusion_ops._C; the CUDA emulation (csrc/emu/, EMULATION.md) builds the same sources with the
+// linfusion_ops._C; the CUDA emulation (csrc/emu/, docs/emulation.md) builds the same sources with the
 // host compiler for linfusion_ops._C_emu, where they run on CPU tensors.
 #pragma once
 

@@ -1,4 +1,4 @@
-// CUDA kernels of leaky_relu(layer_norm(x)) over the last dim and its backward (DESIGN.md §2).
+// CUDA kernels of leaky_relu(layer_norm(x)) over the last dim and its backward (docs/design.md, layer_norm_leaky_relu).
 //
 // Fast path (fp32 / fp16 / bf16, C a multiple of the 16-byte vector, C <= 2048, aligned
 // pointers): a group of kThreadsPerRow threads owns a row and keeps its kElemsPerThread channels

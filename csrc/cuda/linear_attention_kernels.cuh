@@ -1,4 +1,4 @@
-// CUDA kernels of generalized linear attention (DESIGN.md, op contract 1).
+// CUDA kernels of generalized linear attention (docs/design.md, op contract 1).
 //
 // Two families, one responsibility per kernel:
 //   * generic (SIMT) kernels for every dtype (fp64 included) and head dim <= 256, accumulating in

@@ -1,4 +1,4 @@
-// CUDA kernels of LongAlign's segment merge and its backward (DESIGN.md §3).
+// CUDA kernels of LongAlign's segment merge and its backward (docs/design.md, merge_segments).
 //
 // A one-block plan kernel computes, on the GPU, each segment's kept count, the exclusive scan of
 // those counts per prompt in segment order (segments may come in any prompt order), the prompt

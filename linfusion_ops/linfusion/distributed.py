@@ -5,7 +5,7 @@ only need to sum the (B, H, Dk, Dv + 1) state and the key count: one all-reduce 
 size does not depend on the number of tokens (softmax attention would have to all-gather every
 key and value). Queries never leave their rank.
 
-Forward, per rank r with n_r kept keys (see DESIGN.md "Scale-out"):
+Forward, per rank r with n_r kept keys (see docs/distributed.md):
 
     S_r, z_r = linear_attention_state(k_r, v_r)          # scaled by 1 / n_r
     [U, u, n] = all_reduce_sum([n_r S_r, n_r z_r, n_r])    # ONE collective, fp32 (fp64 for fp64)

@@ -4,7 +4,7 @@ import torch
 
 
 def assert_close_lowp(out, ref_lowp, ref_fp32, floor=1e-5, name="output"):
-    """DESIGN.md's rule: max|out - ref_fp32| <= 2 * max|ref_lowp - ref_fp32| + floor, where
+    """the tolerance rule of docs/design.md: max|out - ref_fp32| <= 2 * max|ref_lowp - ref_fp32| + floor, where
     ref_lowp is the same math done by PyTorch in out's dtype. For fp32/fp64 outputs, pass
     ref_lowp = ref_fp32 and a floor that fits the dtype."""
     out = out.double()

@@ -126,7 +126,7 @@ def test_mounted_unet_matches_official(kind, mid):
         expected = ref(**inputs).sample
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
-    # fp32 against the official formula: the error rule of DESIGN.md, fp64 as the truth.
+    # fp32 against the official formula: the tolerance rule of docs/design.md, fp64 as the truth.
     unet32, ref32 = copy.deepcopy(unet).float(), copy.deepcopy(ref).float()
     with torch.no_grad():
         out32 = unet32(**unet_inputs(kind, torch.float32)).sample

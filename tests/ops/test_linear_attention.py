@@ -1,6 +1,6 @@
 """Linear attention ops (state, apply, their backwards) against linfusion_ops.reference.
 
-Low-precision rule (DESIGN.md): an fp16 / bf16 / fp32 result is compared with the fp64 reference,
+Low-precision rule (docs/design.md): an fp16 / bf16 / fp32 result is compared with the fp64 reference,
 and its error may be at most 2x the error of the reference run by PyTorch on the same inputs in
 the same dtype, plus default_floor(dtype). For fp16 / bf16 that same-dtype reference is
 reference.linear_attention on the low-precision inputs, which, like the kernels, accumulates in

@@ -1,6 +1,6 @@
 """CUDA linear attention (csrc/cuda/linear_attention*.cu) against linfusion_ops.reference.
 
-Truth is the reference in fp64. Low-precision outputs follow DESIGN.md's tolerance rule: the
+Truth is the reference in fp64. Low-precision outputs follow the tolerance rule of docs/design.md: the
 error is at most twice that of the same math done by PyTorch in the input dtype
 (`lowp_linear_attention`, the official formula generalised to every feature map and the mask)
 plus a small floor.

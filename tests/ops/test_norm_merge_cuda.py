@@ -1,6 +1,6 @@
 """CUDA kernels of layer_norm_leaky_relu and merge_segments against linfusion_ops.reference.
 
-The oracle is the reference computed in float64; low-precision results follow DESIGN.md's rule
+The oracle is the reference computed in float64; low-precision results follow the tolerance rule of docs/design.md
 (at most twice the error of the same math done by PyTorch in the output dtype, plus a small
 floor). Every test runs on the backends of tests/helpers/backends.py: `cuda` (a GPU; skips without one) and the
 emulation build on CPU tensors, as an H100 (132 SMs) and, where grid-stride loops matter, with
