@@ -3,14 +3,17 @@ real-size networks (random weights: the cost does not depend on the values) on a
 samples (fewer for the big CLIP towers) and extrapolated linearly (every metric is a pass over
 the images in batches, plus one Fréchet distance at the end).
 
-Cases, each with the images the official protocol evaluates (512 x 512 PNGs read with
-``eval_res`` 256: centre crop + Lanczos resize):
+Cases, each with the images the official protocol evaluates (512 x 512 PNGs, or 1024 x 1024 for
+SDXL, read with ``eval_res`` 256: centre crop + Lanczos resize):
 
-* ``read``: PNG decode + crop + resize alone (every metric pays it once per pass);
-* ``fid_features``: the FID Inception-v3 (2048-d pool3, bilinear to 299), batch 50, plus the
-  float64 statistics update; ``frechet_distance``: one 2048-d distance (paid once per FID);
-* ``clip_score``: ``clip_scores`` with a transformers CLIPModel of ViT-B/32 and ViT-L/14 shapes
-  (OpenAI's configs, random init), batch 50, COCO-length captions;
+* ``read``: PNG decode + crop + resize alone (every metric pays it once per pass), at 512 and
+  1024 px;
+* ``fid_features``: the FID Inception-v3 (2048-d pool3) with each resize to 299 (``clean``:
+  clean-fid's PIL bicubic, the default; ``legacy-pytorch``: bilinear), batch 50, plus the float64
+  statistics update; ``frechet_distance``: one 2048-d distance (paid once per FID);
+* ``clip_score``: ``clip_scores`` with a transformers CLIPModel of ViT-B/32, ViT-L/14 (OpenAI's
+  configs) and ViT-g/14 shapes (LAION's ViT-g-14, the official evaluation's model), random init,
+  COCO-length captions;
 * ``preference``: LongAlign's decomposed score (``PreferenceScores``: sentence-mean text
   embeddings, then the image tower) with a ViT-L/14-shaped CLIPModel.
 
@@ -80,6 +83,10 @@ def clip_config(kind):
         text = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
         vision = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24, patch_size=14)
         projection = 768
+    elif kind == "ViT-g/14":
+        text = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24)
+        vision = dict(hidden_size=1408, intermediate_size=6144, num_attention_heads=16, num_hidden_layers=40, patch_size=14)
+        projection = 1024
     else:
         raise ValueError(kind)
     return CLIPConfig(text_config=text, vision_config=dict(vision, image_size=224), projection_dim=projection)
@@ -107,12 +114,15 @@ def main(argv=None):
     parser.add_argument("--n-inception", type=int, default=200)
     parser.add_argument("--n-clip-b32", type=int, default=200)
     parser.add_argument("--n-clip-l14", type=int, default=50)
+    parser.add_argument("--n-clip-g14", type=int, default=10)
+    parser.add_argument("--n-read-1024", type=int, default=50)
     parser.add_argument("--n-preference", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=50, help="images per batch (the last CLIP batch may be cut short)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    n_images = max(args.n_inception, args.n_clip_b32, args.n_clip_l14, args.n_preference)
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    n_images = max(args.n_inception, args.n_clip_b32, args.n_clip_l14, args.n_clip_g14, args.n_preference)
     cases = []
 
     def record(metric, model, n, seconds, **extra):
@@ -132,18 +142,24 @@ def main(argv=None):
 
         seconds, batches = timed(lambda: read(n_images))
         record("read", "512px PNG -> 256 (lanczos)", n_images, seconds)
+        big = folder / "1024"
+        big.mkdir()
+        write_pngs(big, args.n_read_1024, size=1024)
+        seconds, _ = timed(lambda: list(iter_image_batches(list_images(big), args.batch_size, 256)))
+        record("read", "1024px PNG -> 256 (lanczos)", args.n_read_1024, seconds)
 
-        inception = FIDInceptionV3()
-        stats = FeatureStatistics.empty(2048)
+        for resize in ("clean", "legacy-pytorch"):
+            inception = FIDInceptionV3(resize=resize)
+            stats = FeatureStatistics.empty(2048)
 
-        def inception_pass():
-            with torch.no_grad():
-                for batch in batches[: -(-args.n_inception // args.batch_size)]:
-                    stats.update(inception(batch.float() / 255))
+            def inception_pass():
+                with torch.no_grad():
+                    for batch in batches[: -(-args.n_inception // args.batch_size)]:
+                        stats.update(inception(batch))
 
-        inception(batches[0][:2].float() / 255)  # warm-up
-        seconds, _ = timed(inception_pass)
-        record("fid_features", "FID Inception-v3 (23.9M)", stats.count, seconds)
+            inception(batches[0][:2])  # warm-up
+            seconds, _ = timed(inception_pass)
+            record("fid_features", f"FID Inception-v3 (23.9M), {resize}", stats.count, seconds)
         rng = np.random.default_rng(0)
         a = rng.standard_normal((4096, 2048)) / 30
         sigma1, sigma2 = np.cov(a, rowvar=False), np.cov(a[::-1] * 1.1 + 0.01, rowvar=False)
@@ -155,7 +171,7 @@ def main(argv=None):
 
         processor = CLIPImageProcessor()
         tokenizer = HashingTokenizer()
-        for kind, n in (("ViT-B/32", args.n_clip_b32), ("ViT-L/14", args.n_clip_l14)):
+        for kind, n in (("ViT-B/32", args.n_clip_b32), ("ViT-L/14", args.n_clip_l14), ("ViT-g/14", args.n_clip_g14)):
             model = CLIPModel(clip_config(kind)).eval()
             params = sum(p.numel() for p in model.parameters()) / 1e6
             clip_scores(batches[0][:2], text[:2], model, tokenizer, processor)  # warm-up
@@ -194,6 +210,7 @@ def main(argv=None):
         "commit": git_commit(),
         "device": f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads, "
                   f"{os.cpu_count()} cores visible",
+        "load_average_at_start": load_at_start,
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "torch": torch.__version__,
         "transformers": transformers.__version__,

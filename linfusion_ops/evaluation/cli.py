@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--ref-stats", default=None, help=".npz cache of the reference statistics (read, or written)")
     met.add_argument("--ref-how-many", type=int, default=None, help="use the first N reference images")
     met.add_argument("--inception-weights", default=None, help="FID Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
+    met.add_argument("--fid-resize", choices=["clean", "legacy-pytorch"], default="clean",
+                     help="how FID images reach 299 px: clean-fid's PIL bicubic (default, as the official eval) or pytorch-fid's bilinear")
     met.add_argument("--clip-model", default=None, help="transformers CLIP model name or folder for the CLIP score")
     met.add_argument("--clip-prefix", default="A photo depicts ", help="text put before each caption (official: 'A photo depicts ')")
     met.add_argument("--preference-model", default=None, help="CLIP-type preference model (e.g. Denscore) for the decomposed score")
@@ -135,7 +137,7 @@ def _metrics(args) -> dict:
     progress = not args.no_progress
     extractor = reference = clip = scorer = None
     if fid_wanted:
-        extractor = load_fid_inception(args.inception_weights, device)
+        extractor = load_fid_inception(args.inception_weights, device, resize=args.fid_resize)
     captions = read_captions(args.captions) if args.captions is not None else None
     paths, captions = resolve_samples(args.samples, captions, args.how_many)
     if fid_wanted:

@@ -7,7 +7,7 @@ LinFusion table); ``eval_res=None`` keeps the images as they are (then they must
 size). Every metric reads these uint8 images.
 
 * FID: features of a :class:`~linfusion_ops.evaluation.inception.FeatureExtractor` (the FID
-  Inception-v3 pool3, which resizes bilinearly to 299), accumulated as float64 sums
+  Inception-v3 pool3, which resizes to 299 as clean-fid does by default), accumulated as float64 sums
   (:class:`FeatureStatistics`), and :func:`frechet_distance` in float64. Reference statistics
   are cached as ``.npz`` (mu, sigma, count and a hash of the settings that produced them).
 * CLIP score (:func:`clip_scores`): per image the cosine between the CLIP image and text
@@ -238,7 +238,7 @@ def feature_statistics(
 
         batches = tqdm(batches, total=-(-len(paths) // batch_size), desc=f"FID features ({what})", unit="batch")
     for batch in batches:
-        stats.update(extractor(batch.to(device).float() / 255))
+        stats.update(extractor(batch.to(device)))
     return stats
 
 
@@ -510,7 +510,7 @@ def evaluate_samples(
     for batch in batches:
         stop = start + batch.shape[0]
         if stats is not None:
-            stats.update(extractor(batch.to(_extractor_device(extractor)).float() / 255))
+            stats.update(extractor(batch.to(_extractor_device(extractor))))
         if clip is not None:
             cosines.append(clip_scores(batch, captions[start:stop], *clip, prefix=clip_prefix))
         if preference is not None:

@@ -124,6 +124,47 @@ def test_fid_inception_real_size_shapes():
     assert model(torch.rand(1, 3, 64, 80)).shape == (1, 2048)
 
 
+def stem_input(model, images):
+    """What the network's first convolution receives for ``images``."""
+    seen = []
+    handle = model.Conv2d_1a_3x3.conv.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    try:
+        model(images)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_clean_resize_is_clean_fids_pil_bicubic_on_float_channels(tiny_inception):
+    # Pixel noise: sharp edges, so that the bicubic filter overshoots.
+    images = torch.from_numpy(np.random.default_rng(11).integers(0, 256, size=(2, 3, 32, 40), dtype=np.uint8))
+    expected = np.stack([
+        np.stack([
+            np.asarray(Image.fromarray(channel.numpy().astype(np.float32)).resize((299, 299), Image.BICUBIC))
+            for channel in image
+        ]) for image in images
+    ])
+    # Not clipped to [0, 255] nor quantised: the bicubic overshoot reaches the network.
+    assert expected.min() < 0 or expected.max() > 255
+    fed = stem_input(tiny_inception, images)
+    np.testing.assert_array_equal(fed.numpy(), (expected - 128) / 128)
+    # A float image in [0, 1] of the same pixels gives the same features.
+    torch.testing.assert_close(tiny_inception(images.float() / 255), tiny_inception(images), rtol=1e-5, atol=1e-5)
+
+
+def test_legacy_pytorch_resize_is_bilinear_and_named_apart(tiny_inception):
+    legacy = FIDInceptionV3(width=TINY_WIDTH, resize="legacy-pytorch")
+    legacy.load_state_dict(tiny_inception.state_dict())
+    images = torch.from_numpy(np.random.default_rng(12).integers(0, 256, size=(2, 3, 32, 40), dtype=np.uint8))
+    expected = 2 * F.interpolate(images.float() / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
+    fed = stem_input(legacy, images)
+    torch.testing.assert_close(fed, expected, rtol=0, atol=0)
+    assert (fed - stem_input(tiny_inception, images)).abs().max() > 0.05
+    assert "resize=legacy-pytorch" in legacy.name and "resize=clean" in tiny_inception.name
+    with pytest.raises(ValueError, match="resize must be one of"):
+        FIDInceptionV3(width=TINY_WIDTH, resize="bicubic")
+
+
 def test_load_fid_inception_round_trip_and_errors(tmp_path, tiny_inception):
     path = tmp_path / "tiny_inception.pth"
     torch.save(tiny_inception.state_dict(), path)
