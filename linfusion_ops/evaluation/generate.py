@@ -304,7 +304,7 @@ def load_pipeline(
             for the pipeline; any other value is a LinFusion folder or hub repository.
         lora: a diffusers LoRA (folder or ``.safetensors``, ``pipe.load_lora_weights``) or
             LongAlign's ``lora_vis.pt`` list (a ``.pt`` / ``.bin`` file, loaded into the UNet with
-            :func:`linfusion_ops.longalign.preference.lora_from_longalign_list`).
+            :func:`linfusion_ops.longalign.lora.lora_from_longalign_list`).
         highres: wrap in :class:`linfusion_ops.highres.LinFusionHighResPipeline` (or the XL one),
             which mounts LinFusion when it is not yet.
         disable_safety_checker: drop SD's safety checker (it blacks out flagged samples, which
@@ -322,7 +322,7 @@ def load_pipeline(
         LinFusion.construct_for(pipe, pretrained_model_name_or_path=None if linfusion == "auto" else linfusion)
     if lora is not None:
         if lora.endswith((".pt", ".bin")) and os.path.isfile(lora):
-            from ..longalign.preference import lora_from_longalign_list
+            from ..longalign.lora import lora_from_longalign_list
 
             lora_from_longalign_list(pipe.unet, torch.load(lora, map_location="cpu", weights_only=True))
         else:

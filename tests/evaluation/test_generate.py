@@ -205,3 +205,79 @@ def test_generate_cli_matches_library_and_rejects_bad_input(pipeline_dir, refere
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and err.startswith("linfusion_ops.evaluation generate: error:")
         assert not target.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# load_pipeline: LinFusion mounted, a LongAlign LoRA, the high-res pipeline
+
+
+def one_sample(pipe, seed=3):
+    """One 32 px sample of CAPTIONS[0] as an int16 array."""
+    from PIL import Image
+
+    image = pipe(prompt=[CAPTIONS[0]], generator=[torch.Generator("cpu").manual_seed(seed)], output_type="pil",
+                 **CALL).images[0]
+    assert isinstance(image, Image.Image)
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def linfusion_dir(pipe, tmp_path_factory):
+    from tests.helpers.tiny_models import make_linfusion
+
+    folder = tmp_path_factory.mktemp("linfusion") / "lf"
+    make_linfusion(pipe.unet).save_pretrained(folder)
+    return folder
+
+
+def test_load_pipeline_mounts_a_linfusion_checkpoint(pipeline_dir, pipe, linfusion_dir):
+    from diffusers import DiffusionPipeline
+
+    from linfusion_ops.linfusion import LinFusion, has_linfusion
+
+    mounted = load_pipeline(str(pipeline_dir), dtype=torch.float32, linfusion=str(linfusion_dir))
+    assert has_linfusion(mounted.unet) and not has_linfusion(pipe.unet)
+    by_hand = DiffusionPipeline.from_pretrained(str(pipeline_dir), torch_dtype=torch.float32)
+    LinFusion.construct_for(by_hand, pretrained_model_name_or_path=str(linfusion_dir))
+    by_hand.set_progress_bar_config(disable=True)
+    sample = one_sample(mounted)
+    np.testing.assert_array_equal(sample, one_sample(by_hand))
+    assert np.abs(sample - one_sample(pipe)).max() > 0  # the linear attention changed the image
+
+
+def test_load_pipeline_loads_a_longalign_lora_list(pipeline_dir, pipe, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from linfusion_ops.longalign.lora import add_longalign_lora, lora_to_longalign_list
+
+    adapted = DiffusionPipeline.from_pretrained(str(pipeline_dir), torch_dtype=torch.float32)
+    add_longalign_lora(adapted.unet, rank=2)
+    torch.manual_seed(5)
+    with torch.no_grad():  # the up weights start at zero: make the LoRA change the UNet
+        for name, parameter in adapted.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    weights = lora_to_longalign_list(adapted.unet, dtype=None)
+    torch.save(weights, tmp_path / "lora_vis.pt")
+
+    loaded = load_pipeline(str(pipeline_dir), dtype=torch.float32, lora=str(tmp_path / "lora_vis.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(lora_to_longalign_list(loaded.unet, dtype=None), weights))
+    adapted.set_progress_bar_config(disable=True)
+    sample = one_sample(loaded)
+    np.testing.assert_array_equal(sample, one_sample(adapted))
+    assert np.abs(sample - one_sample(pipe)).max() > 0
+
+
+def test_load_pipeline_highres_wraps_the_mounted_pipeline(pipeline_dir, linfusion_dir):
+    from linfusion_ops.highres import LinFusionHighResPipeline
+    from linfusion_ops.linfusion import has_linfusion
+
+    highres = load_pipeline(str(pipeline_dir), dtype=torch.float32, linfusion=str(linfusion_dir), highres=True)
+    assert isinstance(highres, LinFusionHighResPipeline) and has_linfusion(highres.unet)
+    mounted = load_pipeline(str(pipeline_dir), dtype=torch.float32, linfusion=str(linfusion_dir))
+    by_hand = LinFusionHighResPipeline.from_pipe(mounted)
+    by_hand.set_progress_bar_config(disable=True)
+    # 32 px is twice the tiny UNet's native 16 px: a base stage and a high-res stage.
+    sample = one_sample(highres)
+    np.testing.assert_array_equal(sample, one_sample(by_hand))
+    assert np.abs(sample - one_sample(mounted)).max() > 0
