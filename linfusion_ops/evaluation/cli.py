@@ -94,7 +94,8 @@ def _generate(args) -> dict:
     if args.captions is not None:
         captions = read_captions(args.captions)
     else:
-        captions = dataset_captions(args.dataset, args.dataset_column, args.dataset_split, args.dataset_config, limit=args.num)
+        captions = dataset_captions(args.dataset, args.dataset_column, args.dataset_split, args.dataset_config,
+                                    limit=args.num, progress=not args.no_progress)
     num = args.num if args.num is not None else len(captions)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else list(range(num))
     samples = plan_samples(captions, seeds, num)
@@ -136,10 +137,11 @@ def _metrics(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     progress = not args.no_progress
     extractor = reference = clip = scorer = None
-    if fid_wanted:
-        extractor = load_fid_inception(args.inception_weights, device, resize=args.fid_resize)
+    # The samples are checked first: a bad folder fails before any network loads.
     captions = read_captions(args.captions) if args.captions is not None else None
     paths, captions = resolve_samples(args.samples, captions, args.how_many)
+    if fid_wanted:
+        extractor = load_fid_inception(args.inception_weights, device, resize=args.fid_resize)
     if fid_wanted:
         reference = reference_statistics(
             extractor, ref_dir=args.ref_dir, ref_stats=args.ref_stats, eval_res=eval_res,

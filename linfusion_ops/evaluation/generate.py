@@ -45,6 +45,7 @@ __all__ = [
 
 RUN_FILE = "run.json"
 METADATA_FILE = "metadata.jsonl"
+_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -93,13 +94,27 @@ def read_captions(path: str) -> List[str]:
 
 
 def dataset_captions(name: str, column: str, split: str = "train", config: Optional[str] = None,
-                     limit: Optional[int] = None) -> List[str]:
-    """The ``column`` of a ``datasets`` dataset (a hub name or a local folder / file loader
-    name) as captions, the first ``limit`` rows. A list-valued cell (COCO's five captions)
-    gives its first caption."""
+                     limit: Optional[int] = None, progress: bool = True) -> List[str]:
+    """The ``column`` of a ``datasets`` dataset as captions, the first ``limit`` rows: ``name``
+    is a hub name, a local dataset folder, or one local .csv / .json / .jsonl / .parquet file
+    (read as its only split). A list-valued cell (COCO's five captions) gives its first caption.
+    ``progress=False`` silences ``datasets``' progress bars for the call."""
     import datasets
 
-    data = datasets.load_dataset(name, config, split=split)
+    was_disabled = datasets.are_progress_bars_disabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        if os.path.isfile(name):
+            builder = _FILE_BUILDERS.get(os.path.splitext(name)[1].lower())
+            if builder is None:
+                raise ValueError(f"--dataset: {name!r} is a file but not {'/'.join(sorted(_FILE_BUILDERS))}")
+            data = datasets.load_dataset(builder, data_files=name, split="train")
+        else:
+            data = datasets.load_dataset(name, config, split=split)
+    finally:
+        if not progress and not was_disabled:
+            datasets.enable_progress_bars()
     if column not in data.column_names:
         raise ValueError(f"--dataset-column: {name!r} has no column {column!r} (columns: {data.column_names})")
     values = data[column] if limit is None else data.select(range(min(limit, len(data))))[column]

@@ -430,11 +430,17 @@ def resolve_samples(
     With ``captions`` (e.g. the official ``captions.txt``), image i in natural file order gets
     caption i. Without, a generate folder's ``metadata.jsonl`` gives files and captions; a plain
     folder gives no captions (FID only). ``how_many``: the first ``how_many`` samples (the
-    official ``--how_many 30000``). One-line errors for a folder without images, fewer captions
+    official ``--how_many 30000``). One-line errors for a generate folder whose run has not
+    finished (``run.json`` without ``metadata.jsonl``), a folder without images, fewer captions
     than images, files the metadata lists but the folder lacks, and images of mixed sizes."""
-    from .generate import METADATA_FILE, read_metadata
+    from .generate import METADATA_FILE, RUN_FILE, read_metadata
 
     folder = os.fspath(folder)
+    if os.path.isfile(os.path.join(folder, RUN_FILE)) and not os.path.isfile(os.path.join(folder, METADATA_FILE)):
+        raise ValueError(
+            f"{folder!r}: generation incomplete ({RUN_FILE} without {METADATA_FILE}); finish it by rerunning the "
+            "same generate command, which skips the samples already written"
+        )
     if captions is None and os.path.isfile(os.path.join(folder, METADATA_FILE)):
         records = read_metadata(folder)
         paths = [os.path.join(folder, r["file"]) for r in records]

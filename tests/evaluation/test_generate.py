@@ -281,3 +281,33 @@ def test_load_pipeline_highres_wraps_the_mounted_pipeline(pipeline_dir, linfusio
     sample = one_sample(highres)
     np.testing.assert_array_equal(sample, one_sample(by_hand))
     assert np.abs(sample - one_sample(mounted)).max() > 0
+
+
+def test_dataset_captions_from_a_local_folder_or_file(tmp_path, capsys):
+    from linfusion_ops.evaluation.generate import dataset_captions
+
+    folder = tmp_path / "coco"
+    folder.mkdir()
+    rows = [{"caption": ["a cat on a mat", "a cat"], "id": 1}, {"caption": [" two dogs "], "id": 2}, {"caption": ["snow"], "id": 3}]
+    (folder / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert dataset_captions(str(folder), "caption") == ["a cat on a mat", "two dogs", "snow"]
+    assert dataset_captions(str(folder), "caption", limit=2) == ["a cat on a mat", "two dogs"]
+    (tmp_path / "prompts.csv").write_text("prompt,score\nred house,1\nblue sea,2\n")
+    assert dataset_captions(str(tmp_path / "prompts.csv"), "prompt") == ["red house", "blue sea"]
+    with pytest.raises(ValueError, match="has no column 'text'"):
+        dataset_captions(str(folder), "text")
+    (tmp_path / "prompts.txt").write_text("red house\n")
+    with pytest.raises(ValueError, match="is a file but not"):
+        dataset_captions(str(tmp_path / "prompts.txt"), "text")
+
+    # The CLI reads them before any model loads; a bad column is one line (no progress bar of
+    # datasets' with --no-progress, on a folder not yet in its cache) and writes nothing.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "captions.jsonl").write_text((folder / "captions.jsonl").read_text())
+    capsys.readouterr()
+    code = cli.main(["generate", "--pipeline", str(tmp_path / "no-pipeline"), "--outdir", str(tmp_path / "out"),
+                     "--dataset", str(fresh), "--dataset-column", "text", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "has no column 'text'" in err
+    assert not (tmp_path / "out").exists()

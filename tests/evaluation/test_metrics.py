@@ -336,3 +336,59 @@ def test_metrics_cli_missing_weights_is_one_line_and_writes_nothing(tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--inception-weights" in err
     assert not (tmp_path / "ref.npz").exists() and not (samples / "metrics.json").exists()
+
+
+class SeededNoise:
+    """A stand-in text-to-image pipeline for generate(): image i is uint8 noise drawn from sample
+    i's own generator; it dies (as a killed run) on call number ``die_at`` (1-based)."""
+
+    def __init__(self, die_at=None):
+        self.calls, self.die_at = 0, die_at
+
+    def __call__(self, prompt, generator, height, width, **kwargs):
+        from types import SimpleNamespace
+
+        self.calls += 1
+        if self.calls == self.die_at:
+            raise KeyboardInterrupt
+        images = [
+            Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy())
+            for g in generator
+        ]
+        return SimpleNamespace(images=images)
+
+
+def test_metrics_of_a_generate_folder_use_its_metadata_and_refuse_an_unfinished_run(tmp_path, capsys):
+    from linfusion_ops.evaluation.generate import generate, plan_samples
+
+    model, tokenizer, processor = tiny_clip(tmp_path)
+    clip_dir = tmp_path / "clip"
+    model.save_pretrained(clip_dir)
+    tokenizer.save_pretrained(clip_dir)
+    processor.save_pretrained(clip_dir)
+    samples = tmp_path / "samples"
+    plan = plan_samples(CAPTIONS, range(10, 16))
+    with pytest.raises(KeyboardInterrupt):
+        generate(SeededNoise(die_at=2), plan, str(samples), batch_size=4, height=24, width=24, progress=False)
+    args = ["metrics", "--samples", str(samples), "--clip-model", str(clip_dir), "--eval-res", "16", "--no-progress"]
+    with pytest.raises(ValueError, match="generation incomplete") as error:
+        resolve_samples(samples)
+    assert "\n" not in str(error.value)
+    (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS) + "\n")
+    capsys.readouterr()
+    assert cli.main(args + ["--captions", str(tmp_path / "captions.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "generation incomplete" in err and not (samples / "metrics.json").exists()
+
+    generate(SeededNoise(), plan, str(samples), batch_size=4, height=24, width=24, progress=False)
+    paths, captions = resolve_samples(samples)
+    assert captions == CAPTIONS and [os.path.basename(p) for p in paths] == [f"{i:06d}.png" for i in range(6)]
+    assert cli.main(args) == 0
+    from_metadata = json.loads((samples / "metrics.json").read_text())
+    assert cli.main(args + ["--captions", str(tmp_path / "captions.txt"), "--out", str(tmp_path / "m.json")]) == 0
+    from_file = json.loads((tmp_path / "m.json").read_text())
+    assert from_metadata["clip_cosine"] == from_file["clip_cosine"] and from_metadata["num_samples"] == 6
+    # A caption in another order scores differently: the metadata's captions are matched by file.
+    (tmp_path / "shuffled.txt").write_text("\n".join(CAPTIONS[::-1]) + "\n")
+    assert cli.main(args + ["--captions", str(tmp_path / "shuffled.txt"), "--out", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["clip_cosine"] != from_file["clip_cosine"]
