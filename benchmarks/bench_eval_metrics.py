@@ -41,6 +41,7 @@ from linfusion_ops.evaluation.inception import FIDInceptionV3
 from linfusion_ops.evaluation.metrics import (
     FeatureStatistics,
     PreferenceScores,
+    clip_image_processor_class,
     clip_scores,
     frechet_distance,
     iter_image_batches,
@@ -174,9 +175,9 @@ def main(argv=None):
                           cpu_seconds=round(timed.cpu, 3)))
         print(f"frechet_distance  D=2048 float64: {seconds:.2f} s (CPU {timed.cpu:.2f} s) once per FID")
 
-        from transformers import CLIPImageProcessor, CLIPModel
+        from transformers import CLIPModel
 
-        processor = CLIPImageProcessor()
+        processor = clip_image_processor_class()()
         tokenizer = HashingTokenizer()
         for kind, n in (("ViT-B/32", args.n_clip_b32), ("ViT-L/14", args.n_clip_l14), ("ViT-g/14", args.n_clip_g14)):
             model = CLIPModel(clip_config(kind)).eval()

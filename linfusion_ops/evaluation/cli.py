@@ -124,7 +124,7 @@ def _metrics(args) -> dict:
     from .files import write_atomic
     from .generate import read_captions
     from .inception import load_fid_inception
-    from .metrics import evaluate_samples, reference_statistics, resolve_samples
+    from .metrics import evaluate_samples, load_clip, reference_statistics, resolve_samples
 
     eval_res = args.eval_res or None
     fid_wanted = args.ref_dir is not None or args.ref_stats is not None
@@ -148,13 +148,7 @@ def _metrics(args) -> dict:
             batch_size=args.batch_size, limit=args.ref_how_many, progress=progress,
         )
     if args.clip_model:
-        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-        clip = (
-            CLIPModel.from_pretrained(args.clip_model).to(device).eval(),
-            CLIPTokenizer.from_pretrained(args.clip_model),
-            CLIPImageProcessor.from_pretrained(args.clip_model),
-        )
+        clip = load_clip(args.clip_model, device)
     if args.preference_model:
         from ..longalign.preference import CLIPPreferenceScorer
 

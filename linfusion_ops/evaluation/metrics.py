@@ -46,6 +46,8 @@ __all__ = [
     "reference_statistics",
     "fid",
     "clip_scores",
+    "clip_image_processor_class",
+    "load_clip",
     "summarize_clip",
     "PreferenceScores",
     "resolve_samples",
@@ -351,6 +353,26 @@ def clip_scores(
     image_embeds = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
     text_embeds = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
     return (image_embeds * text_embeds).sum(-1).cpu()
+
+
+def clip_image_processor_class():
+    """The PIL CLIP image processor class: transformers 5's ``CLIPImageProcessorPil`` (its
+    default ``CLIPImageProcessor`` switches to torchvision's resize whenever torchvision is
+    installed), or ``CLIPImageProcessor`` of earlier versions, which is the PIL one. The official
+    evaluation's open_clip preprocessing resizes PIL images."""
+    import transformers
+
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+
+def load_clip(name: str, device: Union[str, torch.device, None] = None):
+    """``(model, tokenizer, image_processor)`` of a transformers CLIP (hub name or folder) for
+    :func:`clip_scores`, with the PIL image processor (:func:`clip_image_processor_class`)."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    model = CLIPModel.from_pretrained(name).eval()
+    processor = clip_image_processor_class().from_pretrained(name)
+    return (model.to(device) if device is not None else model), CLIPTokenizer.from_pretrained(name), processor
 
 
 def summarize_clip(cosines: torch.Tensor) -> Dict[str, float]:

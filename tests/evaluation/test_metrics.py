@@ -16,11 +16,13 @@ from linfusion_ops.evaluation.inception import FIDInceptionV3, load_fid_inceptio
 from linfusion_ops.evaluation.metrics import (
     FeatureStatistics,
     PreferenceScores,
+    clip_image_processor_class,
     clip_scores,
     evaluate_samples,
     feature_statistics,
     fid,
     frechet_distance,
+    load_clip,
     load_image,
     reference_statistics,
     resolve_samples,
@@ -236,11 +238,9 @@ def test_samples_of_mixed_sizes_are_refused(tmp_path):
 
 
 def tiny_clip(tmp_path):
-    from transformers import CLIPImageProcessor
-
     from tests.helpers.tiny_models import tiny_clip_model, write_tokenizer
 
-    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    processor = clip_image_processor_class()(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     return tiny_clip_model(image_size=16), write_tokenizer(tmp_path / "tok"), processor
 
 
@@ -311,6 +311,8 @@ def test_metrics_cli_end_to_end(tmp_path, tiny_inception, capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith("n=6 @32px | FID ") and "CLIP score" in line and "preference total" in line
     result = json.loads((samples / "metrics.json").read_text())
+    loaded = load_clip(str(clip_dir))
+    assert type(loaded[2]) is type(processor) and loaded[2].size == processor.size
 
     paths, captions = resolve_samples(samples, CAPTIONS)
     expected = evaluate_samples(
