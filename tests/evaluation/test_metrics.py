@@ -291,12 +291,17 @@ def test_preference_scores_equal_hand_decomposition(tmp_path):
 # The metrics command
 
 
-def test_metrics_cli_end_to_end(tmp_path, tiny_inception, capsys):
+def saved_tiny_clip(tmp_path):
+    """tiny_clip's three parts and the folder they are saved in (a --clip-model)."""
     model, tokenizer, processor = tiny_clip(tmp_path)
     clip_dir = tmp_path / "clip"
-    model.save_pretrained(clip_dir)
-    tokenizer.save_pretrained(clip_dir)
-    processor.save_pretrained(clip_dir)
+    for part in (model, tokenizer, processor):
+        part.save_pretrained(clip_dir)
+    return (model, tokenizer, processor), clip_dir
+
+
+def test_metrics_cli_end_to_end(tmp_path, tiny_inception, capsys):
+    (model, tokenizer, processor), clip_dir = saved_tiny_clip(tmp_path)
     weights = tmp_path / "inception.pth"
     torch.save(tiny_inception.state_dict(), weights)
     samples = write_images(tmp_path / "samples", random_images(6, size=(32, 32), seed=7))
@@ -363,11 +368,7 @@ class SeededNoise:
 def test_metrics_of_a_generate_folder_use_its_metadata_and_refuse_an_unfinished_run(tmp_path, capsys):
     from linfusion_ops.evaluation.generate import generate, plan_samples
 
-    model, tokenizer, processor = tiny_clip(tmp_path)
-    clip_dir = tmp_path / "clip"
-    model.save_pretrained(clip_dir)
-    tokenizer.save_pretrained(clip_dir)
-    processor.save_pretrained(clip_dir)
+    _, clip_dir = saved_tiny_clip(tmp_path)
     samples = tmp_path / "samples"
     plan = plan_samples(CAPTIONS, range(10, 16))
     with pytest.raises(KeyboardInterrupt):
