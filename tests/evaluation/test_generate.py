@@ -311,3 +311,48 @@ def test_dataset_captions_from_a_local_folder_or_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "has no column 'text'" in err
     assert not (tmp_path / "out").exists()
+
+
+KILLED_RUN = """
+import sys
+from linfusion_ops.evaluation.generate import generate, plan_samples
+from tests.helpers.tiny_models import NoisePipeline
+
+captions = sys.argv[2].split("|")
+generate(NoisePipeline(hang_at=3), plan_samples(captions, range(len(captions))), sys.argv[1], batch_size=2,
+         height=16, width=16, progress=False)
+"""
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers.tiny_models import NoisePipeline
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(out), "|".join(CAPTIONS)], cwd=root, env=env)
+    try:
+        # Two batches of two are written, then the third call hangs until the kill.
+        deadline = time.monotonic() + 300
+        while len(png_bytes(out) if out.is_dir() else {}) < 4 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert process.poll() is None, "the run ended before it was killed"
+        assert len(png_bytes(out)) == 4
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert (out / RUN_FILE).is_file() and not (out / METADATA_FILE).exists()
+
+    plan = plan_samples(CAPTIONS, range(len(CAPTIONS)))
+    result = generate(NoisePipeline(), plan, str(out), batch_size=2, height=16, width=16, progress=False)
+    assert result == {"generated": 1, "skipped": 4, "total": 5}
+    whole = tmp_path / "whole"
+    generate(NoisePipeline(), plan, str(whole), batch_size=2, height=16, width=16, progress=False)
+    assert png_bytes(out) == png_bytes(whole) and len(png_bytes(whole)) == 5
+    assert (out / METADATA_FILE).read_text() == (whole / METADATA_FILE).read_text()

@@ -345,34 +345,15 @@ def test_metrics_cli_missing_weights_is_one_line_and_writes_nothing(tmp_path, ca
     assert not (tmp_path / "ref.npz").exists() and not (samples / "metrics.json").exists()
 
 
-class SeededNoise:
-    """A stand-in text-to-image pipeline for generate(): image i is uint8 noise drawn from sample
-    i's own generator; it dies (as a killed run) on call number ``die_at`` (1-based)."""
-
-    def __init__(self, die_at=None):
-        self.calls, self.die_at = 0, die_at
-
-    def __call__(self, prompt, generator, height, width, **kwargs):
-        from types import SimpleNamespace
-
-        self.calls += 1
-        if self.calls == self.die_at:
-            raise KeyboardInterrupt
-        images = [
-            Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy())
-            for g in generator
-        ]
-        return SimpleNamespace(images=images)
-
-
 def test_metrics_of_a_generate_folder_use_its_metadata_and_refuse_an_unfinished_run(tmp_path, capsys):
     from linfusion_ops.evaluation.generate import generate, plan_samples
+    from tests.helpers.tiny_models import NoisePipeline
 
     _, clip_dir = saved_tiny_clip(tmp_path)
     samples = tmp_path / "samples"
     plan = plan_samples(CAPTIONS, range(10, 16))
     with pytest.raises(KeyboardInterrupt):
-        generate(SeededNoise(die_at=2), plan, str(samples), batch_size=4, height=24, width=24, progress=False)
+        generate(NoisePipeline(die_at=2), plan, str(samples), batch_size=4, height=24, width=24, progress=False)
     args = ["metrics", "--samples", str(samples), "--clip-model", str(clip_dir), "--eval-res", "16", "--no-progress"]
     with pytest.raises(ValueError, match="generation incomplete") as error:
         resolve_samples(samples)
@@ -383,7 +364,7 @@ def test_metrics_of_a_generate_folder_use_its_metadata_and_refuse_an_unfinished_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "generation incomplete" in err and not (samples / "metrics.json").exists()
 
-    generate(SeededNoise(), plan, str(samples), batch_size=4, height=24, width=24, progress=False)
+    generate(NoisePipeline(), plan, str(samples), batch_size=4, height=24, width=24, progress=False)
     paths, captions = resolve_samples(samples)
     assert captions == CAPTIONS and [os.path.basename(p) for p in paths] == [f"{i:06d}.png" for i in range(6)]
     assert cli.main(args) == 0
