@@ -142,7 +142,6 @@ def _metrics(args) -> dict:
     paths, captions = resolve_samples(args.samples, captions, args.how_many)
     if fid_wanted:
         extractor = load_fid_inception(args.inception_weights, device, resize=args.fid_resize)
-    if fid_wanted:
         reference = reference_statistics(
             extractor, ref_dir=args.ref_dir, ref_stats=args.ref_stats, eval_res=eval_res,
             batch_size=args.batch_size, limit=args.ref_how_many, progress=progress,
