@@ -3,14 +3,17 @@ real-size networks (random weights: the cost does not depend on the values) on a
 samples (fewer for the big CLIP towers) and extrapolated linearly (every metric is a pass over
 the images in batches, plus one Fréchet distance at the end).
 
-Cases, each with the images the official protocol evaluates (512 x 512 PNGs read with
-``eval_res`` 256: centre crop + Lanczos resize):
+Cases, each with the images the official protocol evaluates (512 x 512 PNGs, or 1024 x 1024 for
+SDXL, read with ``eval_res`` 256: centre crop + Lanczos resize):
 
-* ``read``: PNG decode + crop + resize alone (every metric pays it once per pass);
-* ``fid_features``: the FID Inception-v3 (2048-d pool3, bilinear to 299), batch 50, plus the
-  float64 statistics update; ``frechet_distance``: one 2048-d distance (paid once per FID);
-* ``clip_score``: ``clip_scores`` with a transformers CLIPModel of ViT-B/32 and ViT-L/14 shapes
-  (OpenAI's configs, random init), batch 50, COCO-length captions;
+* ``read``: PNG decode + crop + resize alone (every metric pays it once per pass), at 512 and
+  1024 px;
+* ``fid_features``: the FID Inception-v3 (2048-d pool3) with each resize to 299 (``clean``:
+  clean-fid's PIL bicubic, the default; ``legacy-pytorch``: bilinear), batch 50, plus the float64
+  statistics update; ``frechet_distance``: one 2048-d distance (paid once per FID);
+* ``clip_score``: ``clip_scores`` with a transformers CLIPModel of ViT-B/32, ViT-L/14 (OpenAI's
+  configs) and ViT-g/14 shapes (LAION's ViT-g-14, the official evaluation's model), random init,
+  COCO-length captions;
 * ``preference``: LongAlign's decomposed score (``PreferenceScores``: sentence-mean text
   embeddings, then the image tower) with a ViT-L/14-shaped CLIPModel.
 
@@ -38,6 +41,7 @@ from linfusion_ops.evaluation.inception import FIDInceptionV3
 from linfusion_ops.evaluation.metrics import (
     FeatureStatistics,
     PreferenceScores,
+    clip_image_processor_class,
     clip_scores,
     frechet_distance,
     iter_image_batches,
@@ -80,6 +84,10 @@ def clip_config(kind):
         text = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
         vision = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24, patch_size=14)
         projection = 768
+    elif kind == "ViT-g/14":
+        text = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24)
+        vision = dict(hidden_size=1408, intermediate_size=6144, num_attention_heads=16, num_hidden_layers=40, patch_size=14)
+        projection = 1024
     else:
         raise ValueError(kind)
     return CLIPConfig(text_config=text, vision_config=dict(vision, image_size=224), projection_dim=projection)
@@ -97,8 +105,10 @@ def write_pngs(folder, n, size=512, seed=0):
 
 
 def timed(fn):
-    start = time.perf_counter()
+    """(wall seconds, result); the CPU seconds of this process go to ``timed.cpu``."""
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
+    timed.cpu = time.process_time() - cpu
     return time.perf_counter() - start, out
 
 
@@ -107,19 +117,26 @@ def main(argv=None):
     parser.add_argument("--n-inception", type=int, default=200)
     parser.add_argument("--n-clip-b32", type=int, default=200)
     parser.add_argument("--n-clip-l14", type=int, default=50)
+    parser.add_argument("--n-clip-g14", type=int, default=10)
+    parser.add_argument("--n-read-1024", type=int, default=50)
     parser.add_argument("--n-preference", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=50, help="images per batch (the last CLIP batch may be cut short)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    n_images = max(args.n_inception, args.n_clip_b32, args.n_clip_l14, args.n_preference)
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    n_images = max(args.n_inception, args.n_clip_b32, args.n_clip_l14, args.n_clip_g14, args.n_preference)
     cases = []
 
     def record(metric, model, n, seconds, **extra):
+        # On a shared machine the wall time grows with the other processes' load; the process's
+        # CPU seconds (all its threads) are the work itself.
         row = dict(metric=metric, model=model, n=n, batch=args.batch_size, seconds=round(seconds, 3),
-                   seconds_per_1000=round(seconds / n * 1000, 1), **extra)
+                   seconds_per_1000=round(seconds / n * 1000, 1), cpu_seconds=round(timed.cpu, 3),
+                   cpu_seconds_per_1000=round(timed.cpu / n * 1000, 1), **extra)
         cases.append(row)
-        print(f"{metric:17s} {model:28s} n={n:4d}  {seconds:8.2f} s  -> {row['seconds_per_1000']:9.1f} s / 1000 samples")
+        print(f"{metric:17s} {model:36s} n={n:4d}  {seconds:8.2f} s  -> {row['seconds_per_1000']:9.1f} s / 1000 samples "
+              f"(CPU {row['cpu_seconds_per_1000']:9.1f} s / 1000)")
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -132,30 +149,37 @@ def main(argv=None):
 
         seconds, batches = timed(lambda: read(n_images))
         record("read", "512px PNG -> 256 (lanczos)", n_images, seconds)
+        big = folder / "1024"
+        big.mkdir()
+        write_pngs(big, args.n_read_1024, size=1024)
+        seconds, _ = timed(lambda: list(iter_image_batches(list_images(big), args.batch_size, 256)))
+        record("read", "1024px PNG -> 256 (lanczos)", args.n_read_1024, seconds)
 
-        inception = FIDInceptionV3()
-        stats = FeatureStatistics.empty(2048)
+        for resize in ("clean", "legacy-pytorch"):
+            inception = FIDInceptionV3(resize=resize)
+            stats = FeatureStatistics.empty(2048)
 
-        def inception_pass():
-            with torch.no_grad():
-                for batch in batches[: -(-args.n_inception // args.batch_size)]:
-                    stats.update(inception(batch.float() / 255))
+            def inception_pass():
+                with torch.no_grad():
+                    for batch in batches[: -(-args.n_inception // args.batch_size)]:
+                        stats.update(inception(batch))
 
-        inception(batches[0][:2].float() / 255)  # warm-up
-        seconds, _ = timed(inception_pass)
-        record("fid_features", "FID Inception-v3 (23.9M)", stats.count, seconds)
+            inception(batches[0][:2])  # warm-up
+            seconds, _ = timed(inception_pass)
+            record("fid_features", f"FID Inception-v3 (23.9M), {resize}", stats.count, seconds)
         rng = np.random.default_rng(0)
         a = rng.standard_normal((4096, 2048)) / 30
         sigma1, sigma2 = np.cov(a, rowvar=False), np.cov(a[::-1] * 1.1 + 0.01, rowvar=False)
         seconds, value = timed(lambda: frechet_distance(a.mean(0), sigma1, a.mean(0) * 0.9, sigma2))
-        cases.append(dict(metric="frechet_distance", model="D=2048 float64", seconds=round(seconds, 3)))
-        print(f"frechet_distance  D=2048 float64: {seconds:.2f} s once per FID")
+        cases.append(dict(metric="frechet_distance", model="D=2048 float64", seconds=round(seconds, 3),
+                          cpu_seconds=round(timed.cpu, 3)))
+        print(f"frechet_distance  D=2048 float64: {seconds:.2f} s (CPU {timed.cpu:.2f} s) once per FID")
 
-        from transformers import CLIPImageProcessor, CLIPModel
+        from transformers import CLIPModel
 
-        processor = CLIPImageProcessor()
+        processor = clip_image_processor_class()()
         tokenizer = HashingTokenizer()
-        for kind, n in (("ViT-B/32", args.n_clip_b32), ("ViT-L/14", args.n_clip_l14)):
+        for kind, n in (("ViT-B/32", args.n_clip_b32), ("ViT-L/14", args.n_clip_l14), ("ViT-g/14", args.n_clip_g14)):
             model = CLIPModel(clip_config(kind)).eval()
             params = sum(p.numel() for p in model.parameters()) / 1e6
             clip_scores(batches[0][:2], text[:2], model, tokenizer, processor)  # warm-up
@@ -194,6 +218,7 @@ def main(argv=None):
         "commit": git_commit(),
         "device": f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads, "
                   f"{os.cpu_count()} cores visible",
+        "load_average_at_start": load_at_start,
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -33,6 +33,8 @@ _LAZY = {
     "load_statistics": ".metrics",
     "fid": ".metrics",
     "clip_scores": ".metrics",
+    "load_clip": ".metrics",
+    "clip_image_processor_class": ".metrics",
     "summarize_clip": ".metrics",
     "PreferenceScores": ".metrics",
     "resolve_samples": ".metrics",

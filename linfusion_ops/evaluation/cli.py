@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--ref-stats", default=None, help=".npz cache of the reference statistics (read, or written)")
     met.add_argument("--ref-how-many", type=int, default=None, help="use the first N reference images")
     met.add_argument("--inception-weights", default=None, help="FID Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
+    met.add_argument("--fid-resize", choices=["clean", "legacy-pytorch"], default="clean",
+                     help="how FID images reach 299 px: clean-fid's PIL bicubic (default, as the official eval) or pytorch-fid's bilinear")
     met.add_argument("--clip-model", default=None, help="transformers CLIP model name or folder for the CLIP score")
     met.add_argument("--clip-prefix", default="A photo depicts ", help="text put before each caption (official: 'A photo depicts ')")
     met.add_argument("--preference-model", default=None, help="CLIP-type preference model (e.g. Denscore) for the decomposed score")
@@ -92,7 +94,8 @@ def _generate(args) -> dict:
     if args.captions is not None:
         captions = read_captions(args.captions)
     else:
-        captions = dataset_captions(args.dataset, args.dataset_column, args.dataset_split, args.dataset_config, limit=args.num)
+        captions = dataset_captions(args.dataset, args.dataset_column, args.dataset_split, args.dataset_config,
+                                    limit=args.num, progress=not args.no_progress)
     num = args.num if args.num is not None else len(captions)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else list(range(num))
     samples = plan_samples(captions, seeds, num)
@@ -121,7 +124,7 @@ def _metrics(args) -> dict:
     from .files import write_atomic
     from .generate import read_captions
     from .inception import load_fid_inception
-    from .metrics import evaluate_samples, reference_statistics, resolve_samples
+    from .metrics import evaluate_samples, load_clip, reference_statistics, resolve_samples
 
     eval_res = args.eval_res or None
     fid_wanted = args.ref_dir is not None or args.ref_stats is not None
@@ -134,23 +137,17 @@ def _metrics(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     progress = not args.no_progress
     extractor = reference = clip = scorer = None
-    if fid_wanted:
-        extractor = load_fid_inception(args.inception_weights, device)
+    # The samples are checked first: a bad folder fails before any network loads.
     captions = read_captions(args.captions) if args.captions is not None else None
     paths, captions = resolve_samples(args.samples, captions, args.how_many)
     if fid_wanted:
+        extractor = load_fid_inception(args.inception_weights, device, resize=args.fid_resize)
         reference = reference_statistics(
             extractor, ref_dir=args.ref_dir, ref_stats=args.ref_stats, eval_res=eval_res,
             batch_size=args.batch_size, limit=args.ref_how_many, progress=progress,
         )
     if args.clip_model:
-        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-        clip = (
-            CLIPModel.from_pretrained(args.clip_model).to(device).eval(),
-            CLIPTokenizer.from_pretrained(args.clip_model),
-            CLIPImageProcessor.from_pretrained(args.clip_model),
-        )
+        clip = load_clip(args.clip_model, device)
     if args.preference_model:
         from ..longalign.preference import CLIPPreferenceScorer
 

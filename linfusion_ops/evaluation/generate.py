@@ -45,6 +45,7 @@ __all__ = [
 
 RUN_FILE = "run.json"
 METADATA_FILE = "metadata.jsonl"
+_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -93,13 +94,27 @@ def read_captions(path: str) -> List[str]:
 
 
 def dataset_captions(name: str, column: str, split: str = "train", config: Optional[str] = None,
-                     limit: Optional[int] = None) -> List[str]:
-    """The ``column`` of a ``datasets`` dataset (a hub name or a local folder / file loader
-    name) as captions, the first ``limit`` rows. A list-valued cell (COCO's five captions)
-    gives its first caption."""
+                     limit: Optional[int] = None, progress: bool = True) -> List[str]:
+    """The ``column`` of a ``datasets`` dataset as captions, the first ``limit`` rows: ``name``
+    is a hub name, a local dataset folder, or one local .csv / .json / .jsonl / .parquet file
+    (read as its only split). A list-valued cell (COCO's five captions) gives its first caption.
+    ``progress=False`` silences ``datasets``' progress bars for the call."""
     import datasets
 
-    data = datasets.load_dataset(name, config, split=split)
+    was_disabled = datasets.are_progress_bars_disabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        if os.path.isfile(name):
+            builder = _FILE_BUILDERS.get(os.path.splitext(name)[1].lower())
+            if builder is None:
+                raise ValueError(f"--dataset: {name!r} is a file but not {'/'.join(sorted(_FILE_BUILDERS))}")
+            data = datasets.load_dataset(builder, data_files=name, split="train")
+        else:
+            data = datasets.load_dataset(name, config, split=split)
+    finally:
+        if not progress and not was_disabled:
+            datasets.enable_progress_bars()
     if column not in data.column_names:
         raise ValueError(f"--dataset-column: {name!r} has no column {column!r} (columns: {data.column_names})")
     values = data[column] if limit is None else data.select(range(min(limit, len(data))))[column]
@@ -304,7 +319,7 @@ def load_pipeline(
             for the pipeline; any other value is a LinFusion folder or hub repository.
         lora: a diffusers LoRA (folder or ``.safetensors``, ``pipe.load_lora_weights``) or
             LongAlign's ``lora_vis.pt`` list (a ``.pt`` / ``.bin`` file, loaded into the UNet with
-            :func:`linfusion_ops.longalign.preference.lora_from_longalign_list`).
+            :func:`linfusion_ops.longalign.lora.lora_from_longalign_list`).
         highres: wrap in :class:`linfusion_ops.highres.LinFusionHighResPipeline` (or the XL one),
             which mounts LinFusion when it is not yet.
         disable_safety_checker: drop SD's safety checker (it blacks out flagged samples, which
@@ -322,7 +337,7 @@ def load_pipeline(
         LinFusion.construct_for(pipe, pretrained_model_name_or_path=None if linfusion == "auto" else linfusion)
     if lora is not None:
         if lora.endswith((".pt", ".bin")) and os.path.isfile(lora):
-            from ..longalign.preference import lora_from_longalign_list
+            from ..longalign.lora import lora_from_longalign_list
 
             lora_from_longalign_list(pipe.unet, torch.load(lora, map_location="cpu", weights_only=True))
         else:

@@ -8,6 +8,14 @@ pools of the A, C and first E blocks exclude the padding from the mean
 so pytorch-fid's released weights (``pt_inception-2015-12-05-6726825d.pth``) load as they are
 with :func:`load_fid_inception`. Weights are not bundled.
 
+How the images reach 299 × 299 is the ``resize`` mode, named as clean-fid names them:
+
+* ``"clean"`` (default; clean-fid's default, which LinFusion's official evaluation calls): each
+  channel of the uint8 image is resized as a float32 image with PIL's bicubic filter
+  (antialiased, not clipped, not quantised), then scaled by (x − 128) / 128;
+* ``"legacy-pytorch"`` (pytorch-fid): a bilinear ``F.interpolate`` (``align_corners=False``, no
+  antialiasing) of the image in [0, 1], then scaled by 2x − 1.
+
 ``width`` scales every branch's channels (1.0 is the real network): a narrow random network runs
 the same code path in tests. Any module with the :class:`FeatureExtractor` interface can stand
 in for the network in :mod:`linfusion_ops.evaluation.metrics`.
@@ -17,19 +25,21 @@ import hashlib
 import os
 from typing import Optional, Protocol, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FeatureExtractor", "FIDInceptionV3", "load_fid_inception", "file_sha256"]
+__all__ = ["FeatureExtractor", "FIDInceptionV3", "load_fid_inception", "file_sha256", "clean_resize", "RESIZE_MODES"]
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+RESIZE_MODES = ("clean", "legacy-pytorch")
 
 
 class FeatureExtractor(Protocol):
-    """What the FID code needs from a network: ``extractor(images)`` maps (B, 3, H, W) float
-    images in [0, 1] (any H, W; the extractor resizes) to (B, feature_dim) float features;
-    ``name`` identifies the network and its weights in the cached statistics' settings hash."""
+    """What the FID code needs from a network: ``extractor(images)`` maps (B, 3, H, W) uint8
+    images (any H, W; the extractor resizes) to (B, feature_dim) float features; ``name``
+    identifies the network, its weights and its resizing in the cached statistics' settings hash."""
 
     name: str
     feature_dim: int
@@ -167,31 +177,52 @@ class InceptionE(nn.Module):
         ], 1)
 
 
+def clean_resize(images: torch.Tensor, size: int = 299) -> torch.Tensor:
+    """clean-fid's "clean" resize: (B, 3, H, W) uint8 (or float in [0, 255]) → (B, 3, size, size)
+    float32 in about [0, 255] (bicubic overshoot kept), each channel resized as a PIL "F" image
+    with the bicubic filter (PIL antialiases when it shrinks)."""
+    from PIL import Image
+
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"clean_resize: expected (B, 3, H, W) images, got {getattr(images, 'shape', type(images).__name__)}")
+    arrays = images.detach().cpu().to(torch.float32).numpy()
+    out = np.empty((arrays.shape[0], 3, size, size), np.float32)
+    for b, image in enumerate(arrays):
+        for c, channel in enumerate(image):
+            # A float32 array becomes a 32-bit float ("F") image.
+            out[b, c] = np.asarray(Image.fromarray(channel).resize((size, size), Image.BICUBIC))
+    return torch.from_numpy(out)
+
+
 class FIDInceptionV3(nn.Module):
     """The FID Inception-v3 (random weights until loaded; see :func:`load_fid_inception`).
 
-    Forward: (B, 3, H, W) float images in [0, 1] → bilinear resize to ``input_size`` ×
-    ``input_size`` (299; ``align_corners=False``, no antialiasing, as pytorch-fid) → scaled to
-    [−1, 1] → (B, feature_dim) fp32 pool3 features (feature_dim 2048 at ``width`` 1). Runs in
-    eval mode (BatchNorm running statistics) under ``torch.no_grad``.
+    Forward: (B, 3, H, W) uint8 images (or float images in [0, 1]) → resized to ``input_size``
+    × ``input_size`` (299) and scaled to about [−1, 1] as ``resize`` says (module docstring) →
+    (B, feature_dim) fp32 pool3 features (feature_dim 2048 at ``width`` 1). Runs in eval mode
+    (BatchNorm running statistics) under ``torch.no_grad``.
 
     Args:
         width: channel multiplier of every branch (1.0: the real network; tests use less).
         input_size: the resize target; 299 for FID (75 is the smallest the network accepts).
+        resize: ``"clean"`` (clean-fid) or ``"legacy-pytorch"`` (pytorch-fid).
     """
 
-    def __init__(self, width: float = 1.0, input_size: int = 299):
+    def __init__(self, width: float = 1.0, input_size: int = 299, resize: str = "clean"):
         super().__init__()
         if not width > 0:
             raise ValueError(f"FIDInceptionV3: width must be > 0, got {width!r}")
         if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 75:
             raise ValueError(f"FIDInceptionV3: input_size must be an int >= 75, got {input_size!r}")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"FIDInceptionV3: resize must be one of {RESIZE_MODES}, got {resize!r}")
 
         def w(channels: int) -> int:
             return max(1, round(channels * width))
 
         self.width = width
         self.input_size = input_size
+        self.resize = resize
         self.Conv2d_1a_3x3 = BasicConv2d(3, w(32), 3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(w(32), w(32), 3)
         self.Conv2d_2b_3x3 = BasicConv2d(w(32), w(64), 3, padding=1)
@@ -220,8 +251,11 @@ class FIDInceptionV3(nn.Module):
         self.feature_dim = cin
         # Unused for the features; present so that the released weights load strictly.
         self.fc = nn.Linear(cin, 1008)
-        self.name = f"fid-inception-v3(width={width}, input={input_size}, weights=random)"
+        self.name = self._describe("random")
         self.eval()
+
+    def _describe(self, weights: str) -> str:
+        return f"fid-inception-v3(width={self.width}, input={self.input_size}, resize={self.resize}, weights={weights})"
 
     def train(self, mode: bool = True):
         # The features are defined with the running BatchNorm statistics only.
@@ -229,13 +263,20 @@ class FIDInceptionV3(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"FIDInceptionV3: images must be a float (B, 3, H, W) tensor in [0, 1], got "
-                             f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        if (not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3
+                or not (images.dtype == torch.uint8 or images.is_floating_point())):
+            raise ValueError(f"FIDInceptionV3: images must be a (B, 3, H, W) uint8 tensor or a float one in [0, 1], got "
+                             f"{(tuple(images.shape), images.dtype) if isinstance(images, torch.Tensor) else type(images).__name__}")
         weight = self.Conv2d_1a_3x3.conv.weight
-        x = images.to(weight.device, torch.float32)
-        x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        x = (2 * x - 1).to(weight.dtype)
+        size = (self.input_size, self.input_size)
+        if self.resize == "clean":
+            pixels = images if images.dtype == torch.uint8 else images.float() * 255
+            x = (clean_resize(pixels, self.input_size).to(weight.device) - 128) / 128
+        else:
+            x = images.to(weight.device, torch.float32)
+            x = x / 255 if images.dtype == torch.uint8 else x
+            x = 2 * F.interpolate(x, size=size, mode="bilinear", align_corners=False) - 1
+        x = x.to(weight.dtype)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
@@ -254,11 +295,13 @@ def file_sha256(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def load_fid_inception(path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None) -> FIDInceptionV3:
+def load_fid_inception(path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
+                       resize: str = "clean") -> FIDInceptionV3:
     """The FID Inception-v3 with weights from ``path``: pytorch-fid's
     ``pt_inception-2015-12-05-6726825d.pth`` (a state dict saved with ``torch.save``) or the same
-    tensors as ``.safetensors``. Raises a one-line error for a missing file or foreign weights.
-    ``name`` records the file's SHA-256 so cached statistics follow the weights."""
+    tensors as ``.safetensors``, resizing as ``resize`` says. Raises a one-line error for a
+    missing file or foreign weights. ``name`` records the file's SHA-256 and the resize mode so
+    cached statistics follow both."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -276,7 +319,7 @@ def load_fid_inception(path: Union[str, os.PathLike], device: Optional[Union[str
     stem = state.get("Conv2d_1a_3x3.conv.weight")
     # A narrower network (tests) is recognised by its stem; the released weights are width 1.
     width = stem.shape[0] / 32 if isinstance(stem, torch.Tensor) and stem.dim() == 4 else 1.0
-    model = FIDInceptionV3(width=width)
+    model = FIDInceptionV3(width=width, resize=resize)
     expected = set(model.state_dict())
     missing = sorted(k for k in expected - set(state) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state) - expected)
@@ -289,5 +332,5 @@ def load_fid_inception(path: Union[str, os.PathLike], device: Optional[Union[str
         model.load_state_dict(state, strict=False)
     except RuntimeError as error:
         raise ValueError(f"--inception-weights: {path!r}: {str(error).splitlines()[-1].strip()}") from None
-    model.name = f"fid-inception-v3(width={width}, input=299, weights=sha256:{file_sha256(path)[:16]})"
+    model.name = model._describe(f"sha256:{file_sha256(path)[:16]}")
     return model.to(device) if device is not None else model

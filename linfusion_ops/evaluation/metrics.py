@@ -7,7 +7,7 @@ LinFusion table); ``eval_res=None`` keeps the images as they are (then they must
 size). Every metric reads these uint8 images.
 
 * FID: features of a :class:`~linfusion_ops.evaluation.inception.FeatureExtractor` (the FID
-  Inception-v3 pool3, which resizes bilinearly to 299), accumulated as float64 sums
+  Inception-v3 pool3, which resizes to 299 as clean-fid does by default), accumulated as float64 sums
   (:class:`FeatureStatistics`), and :func:`frechet_distance` in float64. Reference statistics
   are cached as ``.npz`` (mu, sigma, count and a hash of the settings that produced them).
 * CLIP score (:func:`clip_scores`): per image the cosine between the CLIP image and text
@@ -46,6 +46,8 @@ __all__ = [
     "reference_statistics",
     "fid",
     "clip_scores",
+    "clip_image_processor_class",
+    "load_clip",
     "summarize_clip",
     "PreferenceScores",
     "resolve_samples",
@@ -238,7 +240,7 @@ def feature_statistics(
 
         batches = tqdm(batches, total=-(-len(paths) // batch_size), desc=f"FID features ({what})", unit="batch")
     for batch in batches:
-        stats.update(extractor(batch.to(device).float() / 255))
+        stats.update(extractor(batch.to(device)))
     return stats
 
 
@@ -353,6 +355,26 @@ def clip_scores(
     return (image_embeds * text_embeds).sum(-1).cpu()
 
 
+def clip_image_processor_class():
+    """The PIL CLIP image processor class: transformers 5's ``CLIPImageProcessorPil`` (its
+    default ``CLIPImageProcessor`` switches to torchvision's resize whenever torchvision is
+    installed), or ``CLIPImageProcessor`` of earlier versions, which is the PIL one. The official
+    evaluation's open_clip preprocessing resizes PIL images."""
+    import transformers
+
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+
+def load_clip(name: str, device: Union[str, torch.device, None] = None):
+    """``(model, tokenizer, image_processor)`` of a transformers CLIP (hub name or folder) for
+    :func:`clip_scores`, with the PIL image processor (:func:`clip_image_processor_class`)."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    model = CLIPModel.from_pretrained(name).eval()
+    processor = clip_image_processor_class().from_pretrained(name)
+    return (model.to(device) if device is not None else model), CLIPTokenizer.from_pretrained(name), processor
+
+
 def summarize_clip(cosines: torch.Tensor) -> Dict[str, float]:
     """``clip_score`` = mean of 100 · max(cos, 0) (the usual definition) and ``clip_cosine`` =
     mean cosine (LinFusion's table) of per-image cosines."""
@@ -430,11 +452,17 @@ def resolve_samples(
     With ``captions`` (e.g. the official ``captions.txt``), image i in natural file order gets
     caption i. Without, a generate folder's ``metadata.jsonl`` gives files and captions; a plain
     folder gives no captions (FID only). ``how_many``: the first ``how_many`` samples (the
-    official ``--how_many 30000``). One-line errors for a folder without images, fewer captions
+    official ``--how_many 30000``). One-line errors for a generate folder whose run has not
+    finished (``run.json`` without ``metadata.jsonl``), a folder without images, fewer captions
     than images, files the metadata lists but the folder lacks, and images of mixed sizes."""
-    from .generate import METADATA_FILE, read_metadata
+    from .generate import METADATA_FILE, RUN_FILE, read_metadata
 
     folder = os.fspath(folder)
+    if os.path.isfile(os.path.join(folder, RUN_FILE)) and not os.path.isfile(os.path.join(folder, METADATA_FILE)):
+        raise ValueError(
+            f"{folder!r}: generation incomplete ({RUN_FILE} without {METADATA_FILE}); finish it by rerunning the "
+            "same generate command, which skips the samples already written"
+        )
     if captions is None and os.path.isfile(os.path.join(folder, METADATA_FILE)):
         records = read_metadata(folder)
         paths = [os.path.join(folder, r["file"]) for r in records]
@@ -510,7 +538,7 @@ def evaluate_samples(
     for batch in batches:
         stop = start + batch.shape[0]
         if stats is not None:
-            stats.update(extractor(batch.to(_extractor_device(extractor)).float() / 255))
+            stats.update(extractor(batch.to(_extractor_device(extractor))))
         if clip is not None:
             cosines.append(clip_scores(batch, captions[start:stop], *clip, prefix=clip_prefix))
         if preference is not None:

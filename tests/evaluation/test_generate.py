@@ -205,3 +205,154 @@ def test_generate_cli_matches_library_and_rejects_bad_input(pipeline_dir, refere
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and err.startswith("linfusion_ops.evaluation generate: error:")
         assert not target.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# load_pipeline: LinFusion mounted, a LongAlign LoRA, the high-res pipeline
+
+
+def one_sample(pipe, seed=3):
+    """One 32 px sample of CAPTIONS[0] as an int16 array."""
+    from PIL import Image
+
+    image = pipe(prompt=[CAPTIONS[0]], generator=[torch.Generator("cpu").manual_seed(seed)], output_type="pil",
+                 **CALL).images[0]
+    assert isinstance(image, Image.Image)
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def linfusion_dir(pipe, tmp_path_factory):
+    from tests.helpers.tiny_models import make_linfusion
+
+    folder = tmp_path_factory.mktemp("linfusion") / "lf"
+    make_linfusion(pipe.unet).save_pretrained(folder)
+    return folder
+
+
+def test_load_pipeline_mounts_a_linfusion_checkpoint(pipeline_dir, pipe, linfusion_dir):
+    from diffusers import DiffusionPipeline
+
+    from linfusion_ops.linfusion import LinFusion, has_linfusion
+
+    mounted = load_pipeline(str(pipeline_dir), dtype=torch.float32, linfusion=str(linfusion_dir))
+    assert has_linfusion(mounted.unet) and not has_linfusion(pipe.unet)
+    by_hand = DiffusionPipeline.from_pretrained(str(pipeline_dir), torch_dtype=torch.float32)
+    LinFusion.construct_for(by_hand, pretrained_model_name_or_path=str(linfusion_dir))
+    by_hand.set_progress_bar_config(disable=True)
+    sample = one_sample(mounted)
+    np.testing.assert_array_equal(sample, one_sample(by_hand))
+    assert np.abs(sample - one_sample(pipe)).max() > 0  # the linear attention changed the image
+
+
+def test_load_pipeline_loads_a_longalign_lora_list(pipeline_dir, pipe, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from linfusion_ops.longalign.lora import add_longalign_lora, lora_to_longalign_list
+
+    adapted = DiffusionPipeline.from_pretrained(str(pipeline_dir), torch_dtype=torch.float32)
+    add_longalign_lora(adapted.unet, rank=2)
+    torch.manual_seed(5)
+    with torch.no_grad():  # the up weights start at zero: make the LoRA change the UNet
+        for name, parameter in adapted.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    weights = lora_to_longalign_list(adapted.unet, dtype=None)
+    torch.save(weights, tmp_path / "lora_vis.pt")
+
+    loaded = load_pipeline(str(pipeline_dir), dtype=torch.float32, lora=str(tmp_path / "lora_vis.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(lora_to_longalign_list(loaded.unet, dtype=None), weights))
+    adapted.set_progress_bar_config(disable=True)
+    sample = one_sample(loaded)
+    np.testing.assert_array_equal(sample, one_sample(adapted))
+    assert np.abs(sample - one_sample(pipe)).max() > 0
+
+
+def test_load_pipeline_highres_wraps_the_mounted_pipeline(pipeline_dir, linfusion_dir):
+    from linfusion_ops.highres import LinFusionHighResPipeline
+    from linfusion_ops.linfusion import has_linfusion
+
+    highres = load_pipeline(str(pipeline_dir), dtype=torch.float32, linfusion=str(linfusion_dir), highres=True)
+    assert isinstance(highres, LinFusionHighResPipeline) and has_linfusion(highres.unet)
+    mounted = load_pipeline(str(pipeline_dir), dtype=torch.float32, linfusion=str(linfusion_dir))
+    by_hand = LinFusionHighResPipeline.from_pipe(mounted)
+    by_hand.set_progress_bar_config(disable=True)
+    # 32 px is twice the tiny UNet's native 16 px: a base stage and a high-res stage.
+    sample = one_sample(highres)
+    np.testing.assert_array_equal(sample, one_sample(by_hand))
+    assert np.abs(sample - one_sample(mounted)).max() > 0
+
+
+def test_dataset_captions_from_a_local_folder_or_file(tmp_path, capsys):
+    from linfusion_ops.evaluation.generate import dataset_captions
+
+    folder = tmp_path / "coco"
+    folder.mkdir()
+    rows = [{"caption": ["a cat on a mat", "a cat"], "id": 1}, {"caption": [" two dogs "], "id": 2}, {"caption": ["snow"], "id": 3}]
+    (folder / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert dataset_captions(str(folder), "caption") == ["a cat on a mat", "two dogs", "snow"]
+    assert dataset_captions(str(folder), "caption", limit=2) == ["a cat on a mat", "two dogs"]
+    (tmp_path / "prompts.csv").write_text("prompt,score\nred house,1\nblue sea,2\n")
+    assert dataset_captions(str(tmp_path / "prompts.csv"), "prompt") == ["red house", "blue sea"]
+    with pytest.raises(ValueError, match="has no column 'text'"):
+        dataset_captions(str(folder), "text")
+    (tmp_path / "prompts.txt").write_text("red house\n")
+    with pytest.raises(ValueError, match="is a file but not"):
+        dataset_captions(str(tmp_path / "prompts.txt"), "text")
+
+    # The CLI reads them before any model loads; a bad column is one line (no progress bar of
+    # datasets' with --no-progress, on a folder not yet in its cache) and writes nothing.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "captions.jsonl").write_text((folder / "captions.jsonl").read_text())
+    capsys.readouterr()
+    code = cli.main(["generate", "--pipeline", str(tmp_path / "no-pipeline"), "--outdir", str(tmp_path / "out"),
+                     "--dataset", str(fresh), "--dataset-column", "text", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "has no column 'text'" in err
+    assert not (tmp_path / "out").exists()
+
+
+KILLED_RUN = """
+import sys
+from linfusion_ops.evaluation.generate import generate, plan_samples
+from tests.helpers.tiny_models import NoisePipeline
+
+captions = sys.argv[2].split("|")
+generate(NoisePipeline(hang_at=3), plan_samples(captions, range(len(captions))), sys.argv[1], batch_size=2,
+         height=16, width=16, progress=False)
+"""
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers.tiny_models import NoisePipeline
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(out), "|".join(CAPTIONS)], cwd=root, env=env)
+    try:
+        # Two batches of two are written, then the third call hangs until the kill.
+        deadline = time.monotonic() + 300
+        while len(png_bytes(out) if out.is_dir() else {}) < 4 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert process.poll() is None, "the run ended before it was killed"
+        assert len(png_bytes(out)) == 4
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert (out / RUN_FILE).is_file() and not (out / METADATA_FILE).exists()
+
+    plan = plan_samples(CAPTIONS, range(len(CAPTIONS)))
+    result = generate(NoisePipeline(), plan, str(out), batch_size=2, height=16, width=16, progress=False)
+    assert result == {"generated": 1, "skipped": 4, "total": 5}
+    whole = tmp_path / "whole"
+    generate(NoisePipeline(), plan, str(whole), batch_size=2, height=16, width=16, progress=False)
+    assert png_bytes(out) == png_bytes(whole) and len(png_bytes(whole)) == 5
+    assert (out / METADATA_FILE).read_text() == (whole / METADATA_FILE).read_text()

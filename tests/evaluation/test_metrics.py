@@ -16,11 +16,13 @@ from linfusion_ops.evaluation.inception import FIDInceptionV3, load_fid_inceptio
 from linfusion_ops.evaluation.metrics import (
     FeatureStatistics,
     PreferenceScores,
+    clip_image_processor_class,
     clip_scores,
     evaluate_samples,
     feature_statistics,
     fid,
     frechet_distance,
+    load_clip,
     load_image,
     reference_statistics,
     resolve_samples,
@@ -124,6 +126,47 @@ def test_fid_inception_real_size_shapes():
     assert model(torch.rand(1, 3, 64, 80)).shape == (1, 2048)
 
 
+def stem_input(model, images):
+    """What the network's first convolution receives for ``images``."""
+    seen = []
+    handle = model.Conv2d_1a_3x3.conv.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    try:
+        model(images)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_clean_resize_is_clean_fids_pil_bicubic_on_float_channels(tiny_inception):
+    # Pixel noise: sharp edges, so that the bicubic filter overshoots.
+    images = torch.from_numpy(np.random.default_rng(11).integers(0, 256, size=(2, 3, 32, 40), dtype=np.uint8))
+    expected = np.stack([
+        np.stack([
+            np.asarray(Image.fromarray(channel.numpy().astype(np.float32)).resize((299, 299), Image.BICUBIC))
+            for channel in image
+        ]) for image in images
+    ])
+    # Not clipped to [0, 255] nor quantised: the bicubic overshoot reaches the network.
+    assert expected.min() < 0 or expected.max() > 255
+    fed = stem_input(tiny_inception, images)
+    np.testing.assert_array_equal(fed.numpy(), (expected - 128) / 128)
+    # A float image in [0, 1] of the same pixels gives the same features.
+    torch.testing.assert_close(tiny_inception(images.float() / 255), tiny_inception(images), rtol=1e-5, atol=1e-5)
+
+
+def test_legacy_pytorch_resize_is_bilinear_and_named_apart(tiny_inception):
+    legacy = FIDInceptionV3(width=TINY_WIDTH, resize="legacy-pytorch")
+    legacy.load_state_dict(tiny_inception.state_dict())
+    images = torch.from_numpy(np.random.default_rng(12).integers(0, 256, size=(2, 3, 32, 40), dtype=np.uint8))
+    expected = 2 * F.interpolate(images.float() / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
+    fed = stem_input(legacy, images)
+    torch.testing.assert_close(fed, expected, rtol=0, atol=0)
+    assert (fed - stem_input(tiny_inception, images)).abs().max() > 0.05
+    assert "resize=legacy-pytorch" in legacy.name and "resize=clean" in tiny_inception.name
+    with pytest.raises(ValueError, match="resize must be one of"):
+        FIDInceptionV3(width=TINY_WIDTH, resize="bicubic")
+
+
 def test_load_fid_inception_round_trip_and_errors(tmp_path, tiny_inception):
     path = tmp_path / "tiny_inception.pth"
     torch.save(tiny_inception.state_dict(), path)
@@ -195,11 +238,9 @@ def test_samples_of_mixed_sizes_are_refused(tmp_path):
 
 
 def tiny_clip(tmp_path):
-    from transformers import CLIPImageProcessor
-
     from tests.helpers.tiny_models import tiny_clip_model, write_tokenizer
 
-    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    processor = clip_image_processor_class()(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     return tiny_clip_model(image_size=16), write_tokenizer(tmp_path / "tok"), processor
 
 
@@ -250,12 +291,17 @@ def test_preference_scores_equal_hand_decomposition(tmp_path):
 # The metrics command
 
 
-def test_metrics_cli_end_to_end(tmp_path, tiny_inception, capsys):
+def saved_tiny_clip(tmp_path):
+    """tiny_clip's three parts and the folder they are saved in (a --clip-model)."""
     model, tokenizer, processor = tiny_clip(tmp_path)
     clip_dir = tmp_path / "clip"
-    model.save_pretrained(clip_dir)
-    tokenizer.save_pretrained(clip_dir)
-    processor.save_pretrained(clip_dir)
+    for part in (model, tokenizer, processor):
+        part.save_pretrained(clip_dir)
+    return (model, tokenizer, processor), clip_dir
+
+
+def test_metrics_cli_end_to_end(tmp_path, tiny_inception, capsys):
+    (model, tokenizer, processor), clip_dir = saved_tiny_clip(tmp_path)
     weights = tmp_path / "inception.pth"
     torch.save(tiny_inception.state_dict(), weights)
     samples = write_images(tmp_path / "samples", random_images(6, size=(32, 32), seed=7))
@@ -270,6 +316,8 @@ def test_metrics_cli_end_to_end(tmp_path, tiny_inception, capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith("n=6 @32px | FID ") and "CLIP score" in line and "preference total" in line
     result = json.loads((samples / "metrics.json").read_text())
+    loaded = load_clip(str(clip_dir))
+    assert type(loaded[2]) is type(processor) and loaded[2].size == processor.size
 
     paths, captions = resolve_samples(samples, CAPTIONS)
     expected = evaluate_samples(
@@ -295,3 +343,36 @@ def test_metrics_cli_missing_weights_is_one_line_and_writes_nothing(tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--inception-weights" in err
     assert not (tmp_path / "ref.npz").exists() and not (samples / "metrics.json").exists()
+
+
+def test_metrics_of_a_generate_folder_use_its_metadata_and_refuse_an_unfinished_run(tmp_path, capsys):
+    from linfusion_ops.evaluation.generate import generate, plan_samples
+    from tests.helpers.tiny_models import NoisePipeline
+
+    _, clip_dir = saved_tiny_clip(tmp_path)
+    samples = tmp_path / "samples"
+    plan = plan_samples(CAPTIONS, range(10, 16))
+    with pytest.raises(KeyboardInterrupt):
+        generate(NoisePipeline(die_at=2), plan, str(samples), batch_size=4, height=24, width=24, progress=False)
+    args = ["metrics", "--samples", str(samples), "--clip-model", str(clip_dir), "--eval-res", "16", "--no-progress"]
+    with pytest.raises(ValueError, match="generation incomplete") as error:
+        resolve_samples(samples)
+    assert "\n" not in str(error.value)
+    (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS) + "\n")
+    capsys.readouterr()
+    assert cli.main(args + ["--captions", str(tmp_path / "captions.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "generation incomplete" in err and not (samples / "metrics.json").exists()
+
+    generate(NoisePipeline(), plan, str(samples), batch_size=4, height=24, width=24, progress=False)
+    paths, captions = resolve_samples(samples)
+    assert captions == CAPTIONS and [os.path.basename(p) for p in paths] == [f"{i:06d}.png" for i in range(6)]
+    assert cli.main(args) == 0
+    from_metadata = json.loads((samples / "metrics.json").read_text())
+    assert cli.main(args + ["--captions", str(tmp_path / "captions.txt"), "--out", str(tmp_path / "m.json")]) == 0
+    from_file = json.loads((tmp_path / "m.json").read_text())
+    assert from_metadata["clip_cosine"] == from_file["clip_cosine"] and from_metadata["num_samples"] == 6
+    # A caption in another order scores differently: the metadata's captions are matched by file.
+    (tmp_path / "shuffled.txt").write_text("\n".join(CAPTIONS[::-1]) + "\n")
+    assert cli.main(args + ["--captions", str(tmp_path / "shuffled.txt"), "--out", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["clip_cosine"] != from_file["clip_cosine"]

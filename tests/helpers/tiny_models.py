@@ -344,3 +344,30 @@ def random_sentences(rng, count, low=3, high=14, end="."):
     """count sentences of low..high words of WORDS drawn with rng (a random.Random), each ended
     by end, joined by spaces."""
     return " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high))) + end for _ in range(count))
+
+
+class NoisePipeline:
+    """A stand-in text-to-image pipeline for the evaluation tests (no model): image i of a call is
+    uint8 noise drawn from the call's i-th generator, so a sample depends on its seed only. On call
+    number ``die_at`` (1-based) it raises KeyboardInterrupt, as a stopped run; on ``hang_at`` it
+    sleeps until its process is killed."""
+
+    def __init__(self, die_at=None, hang_at=None):
+        self.calls, self.die_at, self.hang_at = 0, die_at, hang_at
+
+    def __call__(self, prompt, generator, height, width, **kwargs):
+        import time
+        from types import SimpleNamespace
+
+        from PIL import Image
+
+        self.calls += 1
+        if self.calls == self.die_at:
+            raise KeyboardInterrupt
+        while self.calls == self.hang_at:
+            time.sleep(1)
+        images = [
+            Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy())
+            for g in generator
+        ]
+        return SimpleNamespace(images=images)
