@@ -20,11 +20,13 @@ the accelerate training state (optimizer, RNG; `--resume_from_checkpoint latest`
 it) and `linfusion/`, a LinFusion in the official format (config.json + safetensors, readable by
 `LinFusion.from_pretrained` and the official class); the final LinFusion in `output_dir`.
 
-Resuming: with `--seed`, every random draw of a step (the VAE latent sample, the noise, the
-timesteps) comes from a generator seeded by (seed, micro-batch index, process index), and the
-data order of epoch e is a function of (seed, e); so a run resumed from any checkpoint makes the
-draws the uninterrupted run made and ends with bitwise the same weights (fp32). The data is
-checked (folder, images, captions) before any model loads.
+Resuming: every random draw of a step (the VAE latent sample, the noise, the timesteps) comes
+from linfusion_ops.seeding.seed_step(seed, micro-batch index, process index), and the data order
+of epoch e is a function of (seed, e); so a run resumed from any checkpoint makes the draws the
+uninterrupted run made and ends with bitwise the same weights (fp32). The seed (--seed, else the
+checkpoint's, else a fresh one) is stored in every checkpoint; a resume with another --seed is
+refused. The data and the checkpoint are checked (folder, images, captions, seed) before any
+model loads.
 """
 
 import argparse
@@ -523,8 +525,14 @@ def _save_checkpoint(accelerator, args, global_step):
     accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """main() for the command line: bad data, a bad checkpoint or another seed exits with a
+    one-line error instead of a traceback."""
     try:
-        main()
-    except ValueError as error:  # bad data or checkpoint: one line, no traceback
+        main(argv)
+    except ValueError as error:
         sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    cli()

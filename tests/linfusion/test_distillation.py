@@ -519,6 +519,33 @@ def test_script_rejects_bad_data_before_loading_models(tmp_path, monkeypatch):
         assert not out.exists(), folder.name
 
 
+def test_script_rejects_bad_checkpoints_and_another_seed_before_loading_models(tmp_path, monkeypatch):
+    def no_models(args):
+        raise AssertionError("a model was loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(distill, "load_models", no_models)
+    data = tmp_path / "images"
+    write_captioned_images(data, sizes=((16, 16),), captions="txt")
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "seed.json").write_text('{"seed": 3}')
+    (tmp_path / "final").mkdir()
+    cases = [
+        (("--seed", "4", "--resume_from_checkpoint", "latest"), "--seed 4 differs from the seed 3 that checkpoint"),
+        (("--resume_from_checkpoint", str(tmp_path / "none")), "is not a folder"),
+        (("--resume_from_checkpoint", str(tmp_path / "final")), "is not named checkpoint-<step>"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ValueError, match=message) as caught:
+            run_script(cli_args("no-such-pipeline", data, out, "--max_train_steps", "3", *extra))
+        assert "\n" not in str(caught.value)
+    # The command line prints it as one line, without a traceback.
+    with pytest.raises(SystemExit) as exited:
+        distill.cli(["--pretrained_model_name_or_path", "x", "--train_data_dir", str(data), "--output_dir", str(out),
+                     "--seed", "4", "--resume_from_checkpoint", "latest"])
+    assert str(exited.value.code).startswith("error: --seed 4 differs") and "\n" not in str(exited.value.code)
+
+
 def test_script_sdxl_time_ids_and_dataset_name(tmp_path, monkeypatch):
     pipe = save_pipeline(tmp_path, "xl")
     data = tmp_path / "images"
