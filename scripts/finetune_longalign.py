@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from linfusion_ops.longalign.finetune import main  # noqa: E402
+from linfusion_ops.longalign.finetune import cli  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    cli()

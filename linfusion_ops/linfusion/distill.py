@@ -20,11 +20,13 @@ the accelerate training state (optimizer, RNG; `--resume_from_checkpoint latest`
 it) and `linfusion/`, a LinFusion in the official format (config.json + safetensors, readable by
 `LinFusion.from_pretrained` and the official class); the final LinFusion in `output_dir`.
 
-Resuming: with `--seed`, every random draw of a step (the VAE latent sample, the noise, the
-timesteps) comes from a generator seeded by (seed, micro-batch index, process index), and the
-data order of epoch e is a function of (seed, e); so a run resumed from any checkpoint makes the
-draws the uninterrupted run made and ends with bitwise the same weights (fp32). The data is
-checked (folder, images, captions) before any model loads.
+Resuming: every random draw of a step (the VAE latent sample, the noise, the timesteps) comes
+from linfusion_ops.seeding.seed_step(seed, micro-batch index, process index), and the data order
+of epoch e is a function of (seed, e); so a run resumed from any checkpoint makes the draws the
+uninterrupted run made and ends with bitwise the same weights (fp32). The seed (--seed, else the
+checkpoint's, else a fresh one) is stored in every checkpoint; a resume with another --seed is
+refused. The data and the checkpoint are checked (folder, images, captions, seed) before any
+model loads.
 """
 
 import argparse
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..seeding import resume_seed, save_seed, seed_step
 from .model import LinFusion
 from .distillation import (
     DEFAULT_LOSS_WEIGHTS,
@@ -258,14 +261,6 @@ def build_dataset(args, tokenizers, resolution, samples=None) -> CaptionedImages
     return CaptionedImages(load_samples(args) if samples is None else samples, tokenizers, resolution)
 
 
-def step_generator(seed, micro_step, rank, device):
-    """A torch.Generator on `device` seeded by (seed, micro_step, rank), all non-negative ints:
-    the source of every random draw of one micro-batch, so that a resumed run draws what the
-    uninterrupted run drew whatever the global RNGs hold."""
-    state = np.random.SeedSequence([seed, micro_step, rank]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device=device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
-
-
 # ---------------------------------------------------------------------------------------------
 # Models.
 def load_models(args):
@@ -314,19 +309,50 @@ def _checkpoints(output_dir):
     return sorted(found)
 
 
+def resume_checkpoint(args):
+    """The checkpoint folder that --resume_from_checkpoint names ("latest": the newest
+    checkpoint-<step> in --output_dir, None when there is none), checked without loading it: a
+    missing folder or one not named checkpoint-<step> raises a one-line ValueError. None without
+    --resume_from_checkpoint."""
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = _checkpoints(args.output_dir)
+        return found[-1][1] if found else None
+    path = Path(args.resume_from_checkpoint)
+    if not path.is_dir():
+        raise ValueError(f"--resume_from_checkpoint: {path} is not a folder")
+    checkpoint_step(path)
+    return path
+
+
+def checkpoint_step(path):
+    """The optimizer step of a checkpoint-<step> folder."""
+    match = re.fullmatch(r"checkpoint-(\d+)", Path(path).name)
+    if match is None:
+        raise ValueError(f"--resume_from_checkpoint: {path} is not named checkpoint-<step>")
+    return int(match.group(1))
+
+
 def main(args=None):
     """Run the distillation. args: a parsed Namespace, a list of command-line strings, or None
     (sys.argv)."""
     from accelerate import Accelerator
     from accelerate.logging import get_logger
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
     from tqdm.auto import tqdm
 
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
-    samples = load_samples(args)  # before any model loads or output folder is made
-    # The per-step draws' seed; without --seed a fresh one (then a resume is not bitwise).
-    base_seed = args.seed % 2**63 if args.seed is not None else random.SystemRandom().randrange(2**63)
+    # The data and the checkpoint to resume from are checked before any model loads or output
+    # folder is made.
+    samples = load_samples(args)
+    resume = resume_checkpoint(args)
+    # The seed of the per-step draws and of the data order: --seed, else the checkpoint's, else
+    # a fresh one; stored in every checkpoint, so that a resume continues the same draws.
+    base_seed = args.seed % 2**63 if args.seed is not None else None
+    if resume is not None:
+        base_seed = resume_seed(resume, base_seed)
     logger = get_logger(__name__)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -335,9 +361,13 @@ def main(args=None):
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
-        # Seeded shuffling, so that a resumed run sees the batches the interrupted one would have.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # Seeded shuffling (data_seed set below), so that a resumed run sees the batches the
+        # interrupted one would have.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if base_seed is None:  # the main process's fresh seed, for every process
+        base_seed = broadcast_object_list([random.SystemRandom().randrange(2**63)])[0]
+    accelerator.dataloader_config.data_seed = base_seed
     if args.seed is not None:
         set_seed(args.seed)
     if accelerator.is_main_process:
@@ -379,6 +409,7 @@ def main(args=None):
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             linfusion.save_pretrained(os.path.join(output_dir, LINFUSION_SUBFOLDER))
+            save_seed(output_dir, base_seed)
         weights.clear()
 
     def load_hook(models, input_dir):
@@ -397,23 +428,12 @@ def main(args=None):
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
 
     global_step = 0
-    if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint == "latest":
-            found = _checkpoints(args.output_dir)
-            path = found[-1][1] if found else None
-        else:
-            path = Path(args.resume_from_checkpoint)
-            if not path.is_dir():
-                raise ValueError(f"--resume_from_checkpoint: {path} is not a folder")
-        if path is None:
-            accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
-        else:
-            accelerator.print(f"Resuming from {path}")
-            accelerator.load_state(str(path))
-            match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-            if match is None:
-                raise ValueError(f"--resume_from_checkpoint: {path} is not named checkpoint-<step>")
-            global_step = int(match.group(1))
+    if resume is not None:
+        accelerator.print(f"Resuming from {resume}")
+        accelerator.load_state(str(resume))
+        global_step = checkpoint_step(resume)
+    elif args.resume_from_checkpoint:
+        accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
     first_epoch = global_step // steps_per_epoch
     skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
@@ -437,7 +457,7 @@ def main(args=None):
             batches = accelerator.skip_first_batches(dataloader, skip_batches)
         first_batch = skip_batches if epoch == first_epoch else 0
         for index, batch in enumerate(batches, start=epoch * len(dataloader) + first_batch):
-            generator = step_generator(base_seed, index, accelerator.process_index, accelerator.device)
+            generator = seed_step(base_seed, index, accelerator.process_index, accelerator.device)
             with accelerator.accumulate(student):
                 with torch.no_grad():
                     pixels = batch["pixel_values"].to(accelerator.device, dtype=vae.dtype)
@@ -505,8 +525,14 @@ def _save_checkpoint(accelerator, args, global_step):
     accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """main() for the command line: bad data, a bad checkpoint or another seed exits with a
+    one-line error instead of a traceback."""
     try:
-        main()
-    except ValueError as error:  # bad data or checkpoint: one line, no traceback
+        main(argv)
+    except ValueError as error:
         sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    cli()

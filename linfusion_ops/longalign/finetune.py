@@ -15,6 +15,13 @@ segment-level CLIP encoding (240 tokens). Writes to --output_dir: pytorch_lora_w
 (diffusers/PEFT: ``pipe.load_lora_weights(output_dir)``), lora_vis.pt (the official list format),
 and checkpoint-<step>/ folders to resume from (--resume).
 
+Resuming: every random draw of a micro-batch (initial noise, gradient steps, LCM noise, the
+preference model's crop, LoRA dropout) comes from linfusion_ops.seeding.seed_step(seed,
+micro-batch index, process index) and the prompt order of epoch e is a function of (seed, e), so
+a run resumed from any checkpoint ends with bitwise the uninterrupted run's LoRA and optimizer
+state (fp32). A checkpoint stores its seed; a resume with another --seed is refused. The prompt
+file and the checkpoint are checked before any model loads.
+
 Conversions (no training): ``--convert_lora_vis lora_vis.pt`` writes the official file as a
 diffusers LoRA folder in --output_dir; ``--export_lora_vis <diffusers LoRA folder>`` writes its
 lora_vis.pt there. Both need --pretrained_model (the UNet fixes the layer order).
@@ -24,11 +31,13 @@ import argparse
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 
 import torch
 
 from ..linfusion.model import LinFusion
+from ..seeding import resume_seed, save_seed, seed_step
 from .long_prompt import LongPromptEncoder
 from .lora import add_longalign_lora, lora_from_longalign_list, lora_to_longalign_list
 from .preference import CLIPPreferenceScorer, RewardSampler
@@ -66,7 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpointing_steps", type=int, default=500, help="write a resumable checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint-<step> in --output_dir")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the LoRA init, the prompt order and every draw (default 0; with --resume the checkpoint's)")
     conversion = p.add_mutually_exclusive_group()
     conversion.add_argument("--convert_lora_vis", default=None, help="official lora_vis.pt -> diffusers LoRA in --output_dir")
     conversion.add_argument("--export_lora_vis", default=None, help="diffusers LoRA folder -> lora_vis.pt in --output_dir")
@@ -108,21 +118,30 @@ def convert(args):
 
 
 def read_prompts(path):
-    """Prompts from a text file (one per line) or JSONL (a 'prompt' or 'caption' field)."""
-    text = Path(path).read_text(encoding="utf-8")
+    """Prompts from a text file (one per line) or JSONL (a 'prompt' or 'caption' string field).
+    A missing or unreadable file, a bad JSONL line or no prompt raises a one-line ValueError
+    naming --prompts. Reads no model."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--prompts: cannot read {path}: {error}") from None
     if str(path).endswith((".jsonl", ".json")):
         prompts = []
         for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
+            if not line.strip():
+                continue
+            try:
                 record = json.loads(line)
-                key = next((k for k in ("prompt", "caption") if k in record), None)
-                if key is None:
-                    raise ValueError(f"{path}:{n}: a JSONL record needs a 'prompt' or 'caption' field")
-                prompts.append(record[key])
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--prompts: {path} line {n} is not JSON: {error}") from None
+            key = next((k for k in ("prompt", "caption") if isinstance(record, dict) and k in record), None)
+            if key is None or not isinstance(record[key], str):
+                raise ValueError(f"--prompts: {path} line {n}: a JSONL record needs a 'prompt' or 'caption' string")
+            prompts.append(record[key])
     else:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"{path}: no prompts")
+        raise ValueError(f"--prompts: {path} holds no prompts")
     return prompts
 
 
@@ -164,11 +183,20 @@ def main(argv=None):
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from tqdm.auto import tqdm
 
+    # The prompts, the checkpoint and its seed are checked before any model loads.
+    prompts = read_prompts(args.prompts)
+    output_dir = Path(args.output_dir)
+    checkpoint = latest_checkpoint(output_dir) if args.resume else None
+    seed = resume_seed(checkpoint, args.seed) if checkpoint is not None else args.seed
+    seed = 0 if seed is None else seed
+    if seed < 0:
+        raise ValueError(f"--seed must be non-negative, got {seed}")
+
     accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    set_seed(args.seed + accelerator.process_index)
+    # The same LoRA init on every process (no DDP broadcast); the per-step draws are per process.
+    set_seed(seed)
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -196,7 +224,6 @@ def main(argv=None):
         args.preference_model, args.preference_tokenizer, crop_size=args.crop_size or None
     ).to(accelerator.device, dtype)
 
-    prompts = read_prompts(args.prompts)
     world = accelerator.num_processes
     steps_per_epoch = max(len(prompts) // (args.batch_size * world * args.gradient_accumulation_steps), 1)
     max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
@@ -221,9 +248,10 @@ def main(argv=None):
             "lr_scheduler": lr_scheduler.state_dict(),
         }, folder / "training_state.pt")
         (folder / "training_state.json").write_text(json.dumps({"global_step": step, "max_train_steps": max_steps}))
+        save_seed(folder, seed)
 
     global_step = 0
-    if args.resume and (checkpoint := latest_checkpoint(output_dir)) is not None:
+    if checkpoint is not None:
         state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
         set_peft_model_state_dict(unet, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
@@ -241,13 +269,16 @@ def main(argv=None):
     micro = global_step * args.gradient_accumulation_steps
     while global_step < max_steps:
         with accelerator.accumulate(unet):
-            batch = step_prompts(prompts, micro, args.batch_size, accelerator.process_index, world, args.seed)
+            batch = step_prompts(prompts, micro, args.batch_size, accelerator.process_index, world, seed)
+            # The sampler's and the crop's draws from it, LoRA dropout from the reseeded global RNG.
+            generator = seed_step(seed, micro, accelerator.process_index)
             conditioning = encode(batch)
             with accelerator.autocast():
                 images, _ = sampler.sample(
-                    conditioning["prompt_embeds"], conditioning["negative_prompt_embeds"], height=height, width=height
+                    conditioning["prompt_embeds"], conditioning["negative_prompt_embeds"], height=height, width=height,
+                    generator=generator,
                 )
-                score = scorer(images.to(dtype), batch, weight=args.reweight, group=group)
+                score = scorer(images.to(dtype), batch, weight=args.reweight, group=group, generator=generator)
                 loss = 0.5 * (1 - score.score.float().mean())
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -273,5 +304,14 @@ def main(argv=None):
     accelerator.end_training()
 
 
+def cli(argv=None):
+    """main() for the command line: a bad prompt file, checkpoint or seed exits with a one-line
+    error instead of a traceback."""
+    try:
+        main(argv)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -404,9 +404,8 @@ def test_script_runs_resumes_and_saves_official_format(tmp_path, monkeypatch):
     resumed = run_script(cli_args(pipe, data, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
     assert len(counter.calls) == 2  # steps 3 and 4, from checkpoint-2
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    # Same batches, noise and timesteps as the uninterrupted run (RNG and sampler restored).
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    # Same batches, noise and timesteps as the uninterrupted run: bitwise the same weights.
+    assert_weights_equal(straight.state_dict(), resumed.state_dict())
 
     for folder in (out, out / "checkpoint-4" / "linfusion"):
         config = json.loads((folder / "config.json").read_text())
@@ -433,6 +432,13 @@ def checkpoint_state(folder):
     linfusion = LinFusion.from_pretrained(folder / "linfusion").state_dict()
     optimizer = torch.load(folder / "optimizer.bin", weights_only=False)
     return linfusion, optimizer
+
+
+def assert_weights_equal(a, b):
+    """Two state dicts hold the same names and bitwise the same tensors."""
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        assert torch.equal(value, b[name]), f"{name}: max abs difference {(value - b[name]).abs().max().item():.3g}"
 
 
 def assert_optimizer_states_equal(a, b):
@@ -474,13 +480,11 @@ def test_script_resume_is_bitwise_equal_to_uninterrupted_run(tmp_path, monkeypat
     assert len(counter.calls) == (total - resume_at) * accumulation
     for a, b in zip(tail, counter.calls):
         assert torch.equal(a["encoder_hidden_states"], b["encoder_hidden_states"])
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), f"{name}: max abs difference {(a - b).abs().max().item():.3g}"
+    assert_weights_equal(straight.state_dict(), resumed.state_dict())
     final = f"checkpoint-{total}"
     straight_weights, straight_optimizer = checkpoint_state(straight_dir / final)
     resumed_weights, resumed_optimizer = checkpoint_state(out / final)
-    for name, value in straight_weights.items():
-        assert torch.equal(value, resumed_weights[name]), name
+    assert_weights_equal(straight_weights, resumed_weights)
     assert_optimizer_states_equal(straight_optimizer, resumed_optimizer)
 
 
@@ -513,6 +517,33 @@ def test_script_rejects_bad_data_before_loading_models(tmp_path, monkeypatch):
             run_script(cli_args("no-such-pipeline", folder, out, "--max_train_steps", "1"))
         assert "\n" not in str(caught.value) and str(caught.value).startswith("--train_data_dir: ")
         assert not out.exists(), folder.name
+
+
+def test_script_rejects_bad_checkpoints_and_another_seed_before_loading_models(tmp_path, monkeypatch):
+    def no_models(args):
+        raise AssertionError("a model was loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(distill, "load_models", no_models)
+    data = tmp_path / "images"
+    write_captioned_images(data, sizes=((16, 16),), captions="txt")
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "seed.json").write_text('{"seed": 3}')
+    (tmp_path / "final").mkdir()
+    cases = [
+        (("--seed", "4", "--resume_from_checkpoint", "latest"), "--seed 4 differs from the seed 3 that checkpoint"),
+        (("--resume_from_checkpoint", str(tmp_path / "none")), "is not a folder"),
+        (("--resume_from_checkpoint", str(tmp_path / "final")), "is not named checkpoint-<step>"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ValueError, match=message) as caught:
+            run_script(cli_args("no-such-pipeline", data, out, "--max_train_steps", "3", *extra))
+        assert "\n" not in str(caught.value)
+    # The command line prints it as one line, without a traceback.
+    with pytest.raises(SystemExit) as exited:
+        distill.cli(["--pretrained_model_name_or_path", "x", "--train_data_dir", str(data), "--output_dir", str(out),
+                     "--seed", "4", "--resume_from_checkpoint", "latest"])
+    assert str(exited.value.code).startswith("error: --seed 4 differs") and "\n" not in str(exited.value.code)
 
 
 def test_script_sdxl_time_ids_and_dataset_name(tmp_path, monkeypatch):
@@ -599,3 +630,76 @@ def test_ddp_two_ranks_match_single_process(tmp_path):
     mp.spawn(ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     failures = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert failures == [None, None], "\n".join(f or "" for f in failures)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes (gloo, through accelerate as `accelerate launch --cpu --num_processes 2` would): a resume mid-epoch
+# reproduces the uninterrupted run on every rank.
+def resume_worker(rank, world, port, pipe, data, out_dir):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
+        ACCELERATE_USE_CPU="true",  # what `accelerate launch --cpu` sets
+    )
+    torch.set_num_threads(1)
+    failure = None
+    try:
+        optimizers = []
+
+        class RecordedAdamW(torch.optim.AdamW):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                optimizers.append(self)
+
+        torch.optim.AdamW = RecordedAdamW
+        calls = []
+        forward = distill.distillation_forward
+
+        def counted(*args, **kwargs):
+            calls.append(kwargs["encoder_hidden_states"])
+            return forward(*args, **kwargs)
+
+        distill.distillation_forward = counted
+
+        def run(out, steps, *extra):
+            args = cli_args(pipe, data, out, "--max_train_steps", str(steps), "--train_batch_size", "1",
+                            "--checkpointing_steps", "1", *extra)
+            return run_script(args).state_dict(), copy.deepcopy(optimizers[-1].state_dict())
+
+        # 4 images, batch 1 on each of 2 processes: 2 steps per epoch. Resumed after step 1
+        # (mid-epoch), the run crosses the epoch end.
+        straight, straight_optimizer = run(os.path.join(out_dir, "straight"), 3)
+        straight_calls = list(calls)
+        resumed_dir = os.path.join(out_dir, "resumed")
+        run(resumed_dir, 1)
+        del calls[:]
+        resumed, resumed_optimizer = run(resumed_dir, 3, "--resume_from_checkpoint", "latest")
+        assert len(straight_calls) == 3 and len(calls) == 2, (len(straight_calls), len(calls))
+        for a, b in zip(straight_calls[1:], calls):
+            assert torch.equal(a, b)
+        assert_weights_equal(straight, resumed)
+        assert_optimizer_states_equal(straight_optimizer, resumed_optimizer)
+        assert resumed_optimizer["state"]  # the resumed optimizer did step
+    except Exception:
+        failure = traceback.format_exc()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(failure, f)
+    os._exit(0)  # as in test_distributed.py: skip the teardown where gloo ranks may abort
+
+
+def test_script_resume_two_processes_is_bitwise_equal(tmp_path):
+    import socket
+
+    pipe = save_pipeline(tmp_path, "sd15")
+    data = tmp_path / "images"
+    write_captioned_images(data, captions="txt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(resume_worker, args=(2, port, str(pipe), str(data), str(tmp_path)), nprocs=2, join=True)
+    failures = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert failures == [None, None], "\n".join(f or "" for f in failures)
+    # Both processes saved their RNG states: the run was distributed.
+    checkpoint = tmp_path / "resumed" / "checkpoint-3"
+    assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert json.loads((checkpoint / "seed.json").read_text()) == {"seed": 0}
