@@ -88,7 +88,7 @@ class _OfficialRun:
         return uncond + self.guidance * (text - uncond)
 
     def noise(self, shape):
-        return randn_tensor(shape, generator=self.generator)
+        return randn_tensor(shape, generator=self.generator, dtype=self.unet.dtype)
 
     def base_stage(self, height, width):
         """The base generation: a plain text-to-image loop at height x width pixels."""
@@ -152,7 +152,8 @@ def official_demofusion_sdxl(pipe, cond, sizes, *, steps, upscale_strength, imag
     cond(latent_input) -> dict of UNet keyword arguments for the CFG batch (negative first).
     sizes: the stages' (height, width) in pixels, base first (text-to-image:
     pipeline_highres_sdxl.py) or one size with `image` ((1, 3, H, W) in [-1, 1]:
-    pipeline_superres_sdxl.py). Returns every stage's final latents (1, 4, h, w) fp32, base first.
+    pipeline_superres_sdxl.py). Returns every stage's final latents (1, 4, h, w) in the UNet's
+    dtype, base first.
     """
     run = _OfficialRun(pipe, cond, seed, guidance)
     sched, unet = run.sched, run.unet
