@@ -1,7 +1,8 @@
 """linfusion_ops.highres: stage plans, DemoFusion's pieces, and the staged pipelines end to end
 (SD 1.5, SD 2.1, SD XL; DemoFusion and SDEdit; super-resolution; callbacks, interrupt,
 determinism, output types, IP-Adapter, ControlNet), against ports of the official code
-(tests.helpers.official): equal with DDIM and for SDEdit, a measured difference with Euler. Offline, on tiny random models (native size 16 px: latents 8 x 8, VAE x2)."""
+(tests.helpers.official): equal with DDIM and for SDEdit, a measured difference with Euler.
+Offline, on tiny random models (native size 16 px: latents 8 x 8, VAE x2)."""
 
 import math
 import warnings
