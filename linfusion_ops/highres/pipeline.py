@@ -274,6 +274,9 @@ class _HighResMixin:
                     latents = (1 - w.skip) * latents + w.skip * renoised
                 noise_pred = self._noise_prediction(latents, t, **predict)
                 if demofusion and stage.ratio > 1:
+                    # Both passes are predicted before the one step, so both are scaled with this
+                    # timestep's sigma; the official loop steps in between, which changes the
+                    # global pass's scaling with Euler (docs/highres.md, differences).
                     blurred = blurred_for_global_pass(latents, stage.ratio, ctx["gaussian_sigma"] * w.sigma)
                     with dilated_convs(self.unet, self.controlnet, ratio=stage.ratio):
                         global_pred = self._noise_prediction(blurred, t, **predict)
