@@ -1,4 +1,8 @@
-"""Build linfusion_ops._C with torch.utils.cpp_extension (ninja).
+"""Build linfusion_ops._C with torch.utils.cpp_extension (ninja). The package's metadata (name,
+dependencies, extras, entry points) is pyproject.toml's; the version is linfusion_ops/__init__.py's
+`__version__`. Beside the compiled module, the build writes linfusion_ops/build_info.json (the
+torch and CUDA it was compiled against, the wheel tag), which linfusion_ops reads before it loads
+the module.
 
 Environment:
   LINFUSION_OPS_CUDA=0     CPU-only build even when a CUDA toolkit is present.
@@ -11,7 +15,9 @@ Environment:
   CUDA_HOME                toolkit root (the folder holding bin/nvcc); found automatically.
 """
 
+import ast
 import glob
+import json
 import os
 import re
 import shutil
@@ -21,7 +27,18 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
-VERSION = "0.1.0"
+
+
+def read_version():
+    """linfusion_ops.__version__, read from the source (the package imports torch)."""
+    tree = ast.parse((ROOT / "linfusion_ops" / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__version__"]:
+            return ast.literal_eval(node.value)
+    raise SystemExit("setup.py: linfusion_ops/__init__.py has no __version__ = '...' line")
+
+
+VERSION = read_version()
 DEFAULT_ARCHS = "8.0;9.0"
 
 
@@ -161,13 +178,30 @@ def emu_extension(flavour):
                         extra_compile_args={"cxx": flags})
 
 
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """build_ext that also writes build_info.json beside linfusion_ops._C (in place or into the
+    wheel's tree)."""
+
+    def run(self):
+        super().run()
+        wheel = self.distribution.get_command_obj("bdist_wheel")
+        wheel.ensure_finalized()
+        info = {
+            "version": VERSION,
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "cuda": WITH_CUDA,
+            "archs": cuda_archs() if WITH_CUDA else [],
+            "wheel_tag": "-".join(wheel.get_tag()),
+        }
+        target = Path(self.get_ext_fullpath("linfusion_ops._C")).with_name("build_info.json")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(info, indent=1) + "\n")
+
+
 setup(
-    name="linfusion_ops",
     version=VERSION,
-    description="CUDA and C++ kernels for LinFusion linear attention and LongAlign long prompts",
     packages=find_packages(include=["linfusion_ops", "linfusion_ops.*"]),
     ext_modules=extensions() + [emu_extension(f) for f in emu_flavours()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    cmdclass={"build_ext": BuildExt},
 )

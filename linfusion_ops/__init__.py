@@ -19,9 +19,8 @@ transformers. The module paths of the flat layout (linfusion_ops.training, .dist
 DeprecationWarning.
 """
 
-import importlib
-
 from . import _deprecated
+from .optional import import_module
 from ._library import build_info, compiled
 from .ops import (
     layer_norm_leaky_relu,
@@ -31,6 +30,7 @@ from .ops import (
     merge_segments,
 )
 
+# The one place of the version: setup.py and pyproject.toml read it from here.
 __version__ = "0.1.0"
 
 _deprecated.install()
@@ -56,7 +56,7 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        module = importlib.import_module(_LAZY[name])
+        module = import_module(_LAZY[name])
         return module if _LAZY[name] == f"{__name__}.{name}" else getattr(module, name)
     if f"{__name__}.{name}" in _deprecated.MOVED:
         return _deprecated.moved_module(f"{__name__}.{name}", stacklevel=2)

@@ -23,9 +23,12 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -qq --upgrade pip
   python -m pip install -qq torch
 fi
-if ! python -c "import pytest, ninja, diffusers, transformers, tqdm, matplotlib, safetensors, peft, accelerate, datasets" 2>/dev/null; then
+# requirements-dev.txt is pyproject.toml's [dev] extra (scripts/requirements.py); a copy in the
+# environment records what was installed, so that a change installs again.
+if ! cmp -s "$ROOT/requirements-dev.txt" "$VENV/requirements-dev.installed"; then
   echo "== installing dev requirements"
   python -m pip install -qq -r "$ROOT/requirements-dev.txt"
+  cp "$ROOT/requirements-dev.txt" "$VENV/requirements-dev.installed"
 fi
 
 cd "$ROOT"

@@ -1,10 +1,12 @@
 """pytest hooks and fixtures of the whole suite: the `backend` fixture of the CUDA kernel tests
-(the helpers themselves live in tests/helpers/backends.py)."""
+(the helpers themselves live in tests/helpers/backends.py) and the skip summary at the end of
+the run (tests/helpers/skips.py)."""
 
 import pytest
 
 from linfusion_ops import emulated
 from tests.helpers.backends import BACKENDS, HAS_CUDA, HAS_CUDA_KERNELS, Backend, skip_or_fail_without_emu
+from tests.helpers.skips import summary_lines
 
 
 def pytest_generate_tests(metafunc):
@@ -34,3 +36,12 @@ def backend(request):
                            schedule="forward", seed=0, flavour="fast"):
         emulated.clear_launch_log()
         yield b
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many tests skipped for each reason, in a few lines (not one line per test)."""
+    lines = summary_lines(terminalreporter.stats.get("skipped", []))
+    if lines:
+        terminalreporter.write_sep("-", "skipped tests, by reason")
+        for line in lines:
+            terminalreporter.write_line(line)

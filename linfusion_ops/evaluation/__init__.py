@@ -10,7 +10,7 @@
 Every name loads its module on first use.
 """
 
-import importlib
+from ..optional import import_module
 
 _LAZY = {
     "Sample": ".generate",
@@ -45,7 +45,7 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+        return getattr(import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'linfusion_ops.evaluation' has no attribute {name!r}")
 
 

@@ -17,13 +17,18 @@ import os
 import sys
 from typing import List, Optional
 
+from ..optional import exit_on_missing
+
 __all__ = ["main", "build_parser"]
 
 _DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m linfusion_ops.evaluation", description=__doc__.split("\n\n")[0])
+    # The console script's name (linfusion-eval), or how `python -m` ran it.
+    script = os.path.basename(sys.argv[0])
+    prog = "python -m linfusion_ops.evaluation" if script in ("__main__.py", "-c", "") else script
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate samples (one caption and one seed each) as PNGs")
@@ -182,6 +187,7 @@ def summary_line(result: dict) -> str:
     return " | ".join(parts)
 
 
+@exit_on_missing("linfusion-eval", "eval")
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the CLI; returns the exit status (0, or 2 after a one-line error for bad input)."""
     args = build_parser().parse_args(argv)

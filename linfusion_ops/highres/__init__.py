@@ -13,9 +13,10 @@
 Every name loads its module on first use, so importing the package costs nothing.
 """
 
-import importlib
 import sys
 import types
+
+from ..optional import import_module
 
 _LAZY = {
     "Stage": ".stages",
@@ -43,7 +44,7 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        value = getattr(import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,7 @@
 Every name loads its module on first use, so importing the package costs nothing.
 """
 
-import importlib
+from ..optional import import_module
 
 _LAZY = {
     "LinFusion": ".model",
@@ -40,11 +40,11 @@ _SUBMODULES = ("model", "processor", "kernel_mlp", "distributed", "distillation"
 
 def __getattr__(name):
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        value = getattr(import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value
     if name in _SUBMODULES:
-        return importlib.import_module("." + name, __name__)
+        return import_module("." + name, __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

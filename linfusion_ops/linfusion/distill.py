@@ -41,12 +41,9 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from ..seeding import resume_seed, save_seed, seed_step
-from .model import LinFusion
+from ..optional import exit_on_missing
 from .distillation import (
     DEFAULT_LOSS_WEIGHTS,
     INITS,
@@ -173,6 +170,8 @@ def _folder_samples(folder, caption_column="text"):
 
 
 def _open_image(value):
+    from PIL import Image
+
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, dict):  # datasets' undecoded Image feature
@@ -194,6 +193,8 @@ class CaptionedImages(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
+        from PIL import Image
+
         image, caption = self.samples[index]
         image = _open_image(image).convert("RGB")
         width, height = image.size
@@ -334,16 +335,20 @@ def checkpoint_step(path):
     return int(match.group(1))
 
 
+@exit_on_missing("linfusion-distill", "train")
 def main(args=None):
     """Run the distillation. args: a parsed Namespace, a list of command-line strings, or None
     (sys.argv)."""
+    if not isinstance(args, argparse.Namespace):
+        args = parse_args(args)
     from accelerate import Accelerator
     from accelerate.logging import get_logger
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
     from tqdm.auto import tqdm
 
-    if not isinstance(args, argparse.Namespace):
-        args = parse_args(args)
+    from ..seeding import resume_seed, save_seed, seed_step
+    from .model import LinFusion
+
     # The data and the checkpoint to resume from are checked before any model loads or output
     # folder is made.
     samples = load_samples(args)

@@ -19,16 +19,19 @@ unmounted (its own softmax attention), run under no_grad; a separate frozen teac
 option (`teacher_unet=`).
 """
 
+from __future__ import annotations
+
 import contextlib
 import functools
 from collections.abc import Mapping
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Dict, Iterable, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import LinFusion, _is_self_attention
+if TYPE_CHECKING:  # .model needs diffusers; the constants below (the CLI's defaults) do not
+    from .model import LinFusion
 
 # The official weights of the noise, kd and feature terms.
 DEFAULT_LOSS_WEIGHTS = (1.0, 0.5, 0.5)
@@ -151,6 +154,8 @@ class Attn1FeatureTap:
 
     def __init__(self, unet: nn.Module, module_names: Optional[Iterable[str]] = None):
         if module_names is None:
+            from .model import _is_self_attention
+
             module_names = [n for n, m in unet.named_modules() if _is_self_attention(n, m)]
         self.module_names = list(module_names)
         if not self.module_names:
@@ -253,6 +258,8 @@ def init_linfusion(
     dim_n // mid_dim_scale (LinFusion-XL used 16); None for dim_n. pretrained_model_name_or_path:
     continue from a LinFusion checkpoint instead (init and mid_dim_scale are then unused).
     """
+    from .model import LinFusion
+
     if pretrained_model_name_or_path is not None:
         return LinFusion.construct_for(unet=unet, pretrained_model_name_or_path=pretrained_model_name_or_path)
     if init not in INITS:

@@ -13,7 +13,7 @@
 Every name loads its module on first use, so importing the package costs nothing.
 """
 
-import importlib
+from ..optional import import_module
 
 _LAZY = {
     "LongPromptEncoder": ".long_prompt",
@@ -41,11 +41,11 @@ _SUBMODULES = ("long_prompt", "longsd", "lora", "preference", "finetune")
 
 def __getattr__(name):
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        value = getattr(import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value
     if name in _SUBMODULES:
-        return importlib.import_module("." + name, __name__)
+        return import_module("." + name, __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

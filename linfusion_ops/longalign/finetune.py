@@ -36,11 +36,8 @@ from pathlib import Path
 
 import torch
 
-from ..linfusion.model import LinFusion
-from ..seeding import resume_seed, save_seed, seed_step
-from .long_prompt import LongPromptEncoder
+from ..optional import exit_on_missing
 from .lora import add_longalign_lora, lora_from_longalign_list, lora_to_longalign_list
-from .preference import CLIPPreferenceScorer, RewardSampler
 
 logger = logging.getLogger("finetune_longalign")
 
@@ -171,6 +168,7 @@ def latest_checkpoint(output_dir):
     return Path(output_dir) / f"checkpoint-{max(steps)}" if steps else None
 
 
+@exit_on_missing("longalign-finetune", "longalign")
 def main(argv=None):
     args = parse_args(argv)
     if args.convert_lora_vis or args.export_lora_vis:
@@ -182,6 +180,11 @@ def main(argv=None):
     from diffusers.training_utils import cast_training_params
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from tqdm.auto import tqdm
+
+    from ..linfusion.model import LinFusion
+    from ..seeding import resume_seed, save_seed, seed_step
+    from .long_prompt import LongPromptEncoder
+    from .preference import CLIPPreferenceScorer, RewardSampler
 
     # The prompts, the checkpoint and its seed are checked before any model loads.
     prompts = read_prompts(args.prompts)
