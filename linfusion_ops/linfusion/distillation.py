@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import LinFusion, _is_self_attention
+from .model import LinFusion, is_self_attention
 
 # The official weights of the noise, kd and feature terms.
 DEFAULT_LOSS_WEIGHTS = (1.0, 0.5, 0.5)
@@ -151,7 +151,7 @@ class Attn1FeatureTap:
 
     def __init__(self, unet: nn.Module, module_names: Optional[Iterable[str]] = None):
         if module_names is None:
-            module_names = [n for n, m in unet.named_modules() if _is_self_attention(n, m)]
+            module_names = [n for n, m in unet.named_modules() if is_self_attention(n, m)]
         self.module_names = list(module_names)
         if not self.module_names:
             raise ValueError("Attn1FeatureTap: no modules to tap (the UNet has no attn1 modules?)")
