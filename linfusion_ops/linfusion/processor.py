@@ -179,8 +179,7 @@ def _key_pass(attn: "Attention", context: torch.Tensor, key_padding_mask, core: 
         state, key_mean = _chunk_state(attn, context, key_padding_mask, core)
         return core.combine(state, key_mean, key_padding_mask, num_keys)
     if key_padding_mask is not None:
-        kept = key_padding_mask.sum(dim=1, dtype=torch.float64)
-        inv_kept = 1.0 / kept.clamp(min=1)
+        kept = key_padding_mask.sum(dim=1).clamp(min=1)  # (B,) int64; no kept key: zero states
     state = key_mean = None
     for chunk in chunks:
         mask = None if key_padding_mask is None else key_padding_mask[:, chunk].contiguous()
@@ -190,19 +189,15 @@ def _key_pass(attn: "Attention", context: torch.Tensor, key_padding_mask, core: 
             weight = (chunk.stop - chunk.start) / num_keys
             part, part_mean = part * weight, part_mean * weight
         else:
-            weight = (mask.sum(dim=1, dtype=torch.float64) * inv_kept).to(part.dtype)
+            weight = mask.sum(dim=1).to(part.dtype) / kept.to(part.dtype)
             part, part_mean = part * weight[:, None, None, None], part_mean * weight[:, None, None]
         state, key_mean = (part, part_mean) if state is None else (state + part, key_mean + part_mean)
     return core.combine(state, key_mean, key_padding_mask, num_keys)
 
 
-def _output(attn: "Attention", out: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
-    """to_out, the residual (token-major, like out; None without residual_connection) and the
-    rescale."""
-    out = attn.to_out[1](attn.to_out[0](out))
-    if residual is not None:
-        out = out + residual
-    return out / attn.rescale_output_factor
+def _to_out(attn: "Attention", out: torch.Tensor) -> torch.Tensor:
+    """to_out: the output projection and its dropout, (B, n, H*Dv) -> (B, n, C_out)."""
+    return attn.to_out[1](attn.to_out[0](out))
 
 
 def linfusion_attention(
@@ -231,10 +226,11 @@ def linfusion_attention(
             linfusion_ops.linfusion.distributed.SequenceParallelCore.
 
     Returns:
-        hidden_states' shape (a 4-D input's channel-major layout) and dtype.
+        hidden_states' shape and dtype (a chunked core writes a 4-D result channel-major
+        contiguous).
     """
     core = _FUSED if core is None else core
-    residual = hidden_states if attn.residual_connection else None
+    residual = hidden_states
     spatial_norm = getattr(attn, "spatial_norm", None)
     if spatial_norm is not None:
         hidden_states = spatial_norm(hidden_states, temb)
@@ -243,8 +239,6 @@ def linfusion_attention(
     if four_d:
         batch, channels, height, width = hidden_states.shape
         hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
-        if residual is not None:
-            residual = residual.flatten(2).transpose(1, 2)
     batch, tokens = hidden_states.shape[:2]
 
     group_norm = getattr(attn, "group_norm", None)
@@ -264,22 +258,29 @@ def linfusion_attention(
 
     state, key_mean = _key_pass(attn, context, key_padding_mask, core)
 
-    chunks = _chunks(tokens, core.chunk_size)
+    if core.chunk_size is None:
+        out = _to_out(attn, core.apply(_queries(attn, hidden_states), state, key_mean, attn.heads))
+        if four_d:
+            out = out.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    # Chunked: the residual and the rescale per chunk, token-major, into one preallocated output
+    # (4-D: channel-major, as the unchunked transpose + reshape leaves it).
+    if four_d:
+        residual = residual.flatten(2).transpose(1, 2)
     out = tokens_view = None
-    for chunk in chunks:
-        part = core.apply(_queries(attn, hidden_states[:, chunk]), state, key_mean, attn.heads)
-        part = _output(attn, part, None if residual is None else residual[:, chunk])
-        if len(chunks) == 1:
-            out = tokens_view = part
-        else:
-            if out is None:
-                # 4-D: channel-major, as a single chunk's transpose + reshape leaves it.
-                shape = (batch, channels, height, width) if four_d else (batch, tokens, part.shape[2])
-                out = part.new_empty(shape)
-                tokens_view = out.view(batch, channels, tokens).transpose(1, 2) if four_d else out
-            tokens_view[:, chunk] = part
-    if four_d and len(chunks) == 1:
-        out = out.transpose(-1, -2).reshape(batch, channels, height, width)
+    for chunk in _chunks(tokens, core.chunk_size):
+        part = _to_out(attn, core.apply(_queries(attn, hidden_states[:, chunk]), state, key_mean, attn.heads))
+        if attn.residual_connection:
+            part = part + residual[:, chunk]
+        part = part / attn.rescale_output_factor
+        if out is None:
+            shape = (batch, channels, height, width) if four_d else (batch, tokens, part.shape[2])
+            out = part.new_empty(shape)
+            tokens_view = out.view(batch, channels, tokens).transpose(1, 2) if four_d else out
+        tokens_view[:, chunk] = part
     return out
 
 
