@@ -16,8 +16,9 @@ processor is replaced), so `handle.remove()` gives back the models exactly as th
   (kernel MLP and norm_k included) chunk by chunk into linear attention's fp32 state (the
   chunks' states weighted by their token counts), then queries, linear_attention_apply and
   to_out chunk by chunk into one preallocated output; only the block's input and output are
-  full size (LinFusion's processor holds the input, q, k, v, the kernel MLPs' hidden layers
-  and the output at once: the peak of SD 1.5 at 16K). Attention masks, cross-attention,
+  full size (unchunked, the processor holds the input and one pass's full-size tensors at
+  once: k, v and the key MLP's hidden layers, then q, the query MLP's and the output; the
+  peak of SD 1.5 at 16K). Attention masks, cross-attention,
   spatial_norm / group_norm, active dropout, gradients and other processors run the
   processor as it is.
 * in-place SiLU: ResnetBlock2D runs its activations, time-embedding add, residual add and
