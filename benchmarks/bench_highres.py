@@ -20,7 +20,7 @@ UNets and of the VAE at small sizes: the model's error against each.
 
 The stages. UNet evaluations per image and time per stage of LinFusionHighResPipeline and
 LinFusionHighResXLPipeline (pipe.stage_stats) on the tiny random models of the tests, on CPU,
-with and without low_memory + the tiled VAE.
+with and without apply_low_memory + the tiled VAE.
 
     python benchmarks/bench_highres.py                       # everything, writes results/highres_memory.{json,png}
     python benchmarks/bench_highres.py --sizes 2048x2048 --skip-check --skip-stages
@@ -180,10 +180,10 @@ def unet_inputs(config, height, width, device, dtype, batch=2, seed=1):
 
 
 def unet_peak(unet, inputs, techniques):
-    from linfusion_ops.highres import low_memory
+    from linfusion_ops.highres import apply_low_memory
     from linfusion_ops.highres.memory import model_peak
 
-    with low_memory(unet, **techniques):
+    with apply_low_memory(unet, **techniques):
         return model_peak(lambda meta: unet(**meta), [unet], inputs)
 
 
@@ -313,7 +313,7 @@ CHECK_VAE = dict(SD_VAE, block_out_channels=(16, 32, 64, 64), norm_num_groups=8)
 
 def check_rows(args):
     """Model (meta) against real CPU tensors in fp32: the same counter, and the allocator."""
-    from linfusion_ops.highres import low_memory, tiled_decode
+    from linfusion_ops.highres import apply_low_memory, tiled_decode
     from linfusion_ops.highres.memory import LiveBytes, model_peak, module_bytes, tensor_bytes
 
     dtype = torch.float32
@@ -347,7 +347,7 @@ def check_rows(args):
             inputs = unet_inputs(config, size, size, "cpu", dtype)
             resident = module_bytes([unet]) + tensor_bytes(inputs)
             for technique in ("none", "+ff_chunks"):
-                with low_memory(unet, **dict(TECHNIQUES[technique], ff_chunk_size=256 if technique == "+ff_chunks" else None)):
+                with apply_low_memory(unet, **dict(TECHNIQUES[technique], ff_chunk_size=256 if technique == "+ff_chunks" else None)):
                     modelled = model_peak(lambda meta: unet(**meta), [unet], inputs)
                     record(name, f"{size}px", technique, modelled, resident, lambda: unet(**inputs))
     vae = build_vae(CHECK_VAE, "cpu", dtype)

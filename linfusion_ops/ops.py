@@ -15,14 +15,20 @@ from ._library import compiled
 _lib = torch.ops.linfusion_ops if compiled() else None
 
 
-def _check_feature_map(feature_map: str) -> None:
+def check_feature_map(feature_map: str) -> None:
+    """Raise ValueError unless feature_map is one of reference.FEATURE_MAPS ("elu", "relu",
+    "identity"). Callers that build on the ops (processors, sequence parallelism) check it early
+    with the ops' own message."""
     if feature_map not in reference.FEATURE_MAPS:
         raise ValueError(
             f"linfusion_ops: feature_map must be one of {reference.FEATURE_MAPS}, got {feature_map!r}"
         )
 
 
-def _check_heads(x: torch.Tensor, heads: int, name: str) -> int:
+def check_heads(x: torch.Tensor, heads: int, name: str) -> int:
+    """The channels per head of a token-major (B, N, H*D) tensor x, after checking that heads > 0,
+    x is 3-D and its last dim divides by heads (RuntimeError naming `name` otherwise; torch._check,
+    so it also holds under torch.compile and for fake tensors)."""
     torch._check(heads > 0, lambda: f"linfusion_ops: heads must be positive, got {heads}")
     torch._check(x.dim() == 3, lambda: f"linfusion_ops: {name} must be 3-D (B, N, H*D), got {x.dim()}-D")
     torch._check(
@@ -45,8 +51,8 @@ def register_op_library(namespace: str) -> None:
 
     @torch.library.register_fake(f"{namespace}::linear_attention_state")
     def _(k, v, heads, feature_map, key_padding_mask):
-        dk = _check_heads(k, heads, "k")
-        dv = _check_heads(v, heads, "v")
+        dk = check_heads(k, heads, "k")
+        dv = check_heads(v, heads, "v")
         torch._check(k.shape[:2] == v.shape[:2], lambda: "linfusion_ops: k and v must share (B, N)")
         # A meta tensor mixed with a real one dispatches here, not to the real kernel's checks.
         torch._check(k.device == v.device,
@@ -62,7 +68,7 @@ def register_op_library(namespace: str) -> None:
 
     @torch.library.register_fake(f"{namespace}::linear_attention_apply")
     def _(q, state, key_mean, heads, feature_map, eps):
-        _check_heads(q, heads, "q")
+        check_heads(q, heads, "q")
         torch._check(q.device == state.device,
                      lambda: f"linfusion_ops: q and state must be on the same device, got {q.device} and {state.device}")
         return q.new_empty((q.shape[0], q.shape[1], heads * state.shape[3]))
@@ -236,7 +242,7 @@ class OpLibrary:
             gives zeros. The state of several token shards can be summed (weighted by n) before
             linear_attention_apply, e.g. across GPUs.
         """
-        _check_feature_map(feature_map)
+        check_feature_map(feature_map)
         lib = self._namespace()
         if lib is None:
             return reference.linear_attention_state(
@@ -265,7 +271,7 @@ class OpLibrary:
         Returns:
             (B, Nq, H*Dv) in q's dtype.
         """
-        _check_feature_map(feature_map)
+        check_feature_map(feature_map)
         lib = self._namespace()
         if lib is None:
             if eps < 0:

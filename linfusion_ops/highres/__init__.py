@@ -6,7 +6,8 @@
   DemoFusion / SDEdit generation and super-resolution, built with `from_pipe(pipe)`.
 * `dilated_convs`, `gaussian_blur`, `match_channel_stats`, `demofusion_weights`: DemoFusion's
   pieces.
-* `low_memory`, `LowMemoryHandle`: reversible low-memory inference for a UNet (and ControlNet).
+* `apply_low_memory`, `LowMemoryHandle`: reversible low-memory inference for a UNet (and
+  ControlNet); `low_memory` is its deprecated alias (DeprecationWarning), kept for one release.
 * `enable_tiled_vae`, `tiled_decode`, `tiled_encode`: a tiled VAE with whole-image GroupNorm
   statistics.
 
@@ -34,6 +35,7 @@ _LAZY = {
     "LinFusionHighResPipeline": ".pipeline",
     "LinFusionHighResXLPipeline": ".pipeline",
     "LinFusionHighResPipelineOutput": ".pipeline",
+    "apply_low_memory": ".low_memory",
     "low_memory": ".low_memory",
     "LowMemoryHandle": ".low_memory",
     "enable_tiled_vae": ".tiled_vae",
@@ -51,10 +53,10 @@ def __getattr__(name):
 
 
 class _Package(types.ModuleType):
-    """The function `low_memory` lives in the submodule of the same name. Loading a submodule
-    binds it on its package, which would hide the function; keep the function instead (the
-    module itself: `from linfusion_ops.highres.low_memory import ...` or
-    sys.modules["linfusion_ops.highres.low_memory"])."""
+    """The deprecated function `low_memory` lives in the submodule of the same name. Loading a
+    submodule binds it on its package, which would hide the function; keep the function instead
+    until the alias goes (the module itself: `from linfusion_ops.highres.low_memory import ...`
+    or sys.modules["linfusion_ops.highres.low_memory"])."""
 
     def __setattr__(self, name, value):
         if isinstance(value, types.ModuleType) and _LAZY.get(name) == "." + name:

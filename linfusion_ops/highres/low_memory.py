@@ -1,6 +1,6 @@
 """Low-memory execution of a diffusers UNet (and ControlNet) for very large images, reversible.
 
-`low_memory(unet, controlnet)` patches instance `forward`s only (no module, parameter or
+`apply_low_memory(unet, controlnet)` patches instance `forward`s only (no module, parameter or
 processor is replaced), so `handle.remove()` gives back the models exactly as they were:
 
 * chunked CFG: a call with batch 2B runs as two calls of batch B whose outputs are
@@ -10,13 +10,15 @@ processor is replaced), so `handle.remove()` gives back the models exactly as th
 * chunked feed-forward: every diffusers `FeedForward`, and every cross-attention over its
   queries, runs over `ff_chunk_size` tokens at a time, writing into one preallocated output
   (the 4x-8x wide GEGLU hidden layer is the largest tensor of a LinFusion UNet at 16K).
-* chunked self-attention: every self-attention running LinFusion's processor runs in two
-  passes over `attn_chunk_size` tokens at a time: keys and values (kernel MLP included) chunk
-  by chunk into linear attention's fp32 state (linfusion_ops.linear_attention_state, the
+* chunked self-attention: every self-attention running LinFusion's processor runs the
+  processor's body (linfusion_ops.linfusion.processor.linfusion_attention) with a
+  TokenChunkedCore: two passes over `attn_chunk_size` tokens at a time, keys and values
+  (kernel MLP and norm_k included) chunk by chunk into linear attention's fp32 state (the
   chunks' states weighted by their token counts), then queries, linear_attention_apply and
   to_out chunk by chunk into one preallocated output; only the block's input and output are
-  full size (LinFusion's processor holds the input, q, k, v, the kernel MLPs' hidden layers
-  and the output at once: the peak of SD 1.5 at 16K). Attention masks, cross-attention,
+  full size (unchunked, the processor holds the input and one pass's full-size tensors at
+  once: k, v and the key MLP's hidden layers, then q, the query MLP's and the output; the
+  peak of SD 1.5 at 16K). Attention masks, cross-attention,
   spatial_norm / group_norm, active dropout, gradients and other processors run the
   processor as it is.
 * in-place SiLU: ResnetBlock2D runs its activations, time-embedding add, residual add and
@@ -41,6 +43,7 @@ offload bit for bit.
 
 import functools
 import inspect
+import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Union
 
@@ -53,9 +56,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.utils import BaseOutput
 
-from ..linfusion.kernel_mlp import apply_kernel_mlp
-from ..linfusion.processor import LINFUSION_EPS, LinFusionAttnProcessor
-from ..ops import linear_attention_apply, linear_attention_state
+from ..linfusion.processor import LinFusionAttnProcessor, TokenChunkedCore, linfusion_attention
 from .memory import free_storage, host_twin, model_peak, parse_bytes
 
 _MISSING = object()
@@ -206,7 +207,7 @@ class _ModelState:
 
 
 class LowMemoryHandle:
-    """Undoes `low_memory`: `remove()` (or leaving its `with` block) restores every patched
+    """Undoes `apply_low_memory`: `remove()` (or leaving its `with` block) restores every patched
     `forward` as it was. `techniques` is the UNet's active set (with max_memory: the one
     chosen for the latest input shape, None before the first call), `controlnet_techniques`
     the ControlNet's; `plans` lists each choice max_memory made, with its modelled peak."""
@@ -373,8 +374,8 @@ def _cross_attention(state: _ModelState, original, hidden_states, encoder_hidden
 
 
 def _self_attention(state: _ModelState, attn: Attention, original, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-    """LinFusionAttnProcessor's result, computed over `attn_chunk_size` tokens at a time (see
-    the module docstring); anything the chunked path does not reproduce runs `original`.
+    """LinFusionAttnProcessor's body run with a TokenChunkedCore of `attn_chunk_size` tokens
+    (see the module docstring); anything the chunked path does not reproduce runs `original`.
     Extra keyword arguments are ignored, as the processor ignores them."""
     chunk = state.current.attn_chunk_size
     dropout = attn.to_out[1] if len(attn.to_out) > 1 else None
@@ -391,50 +392,7 @@ def _self_attention(state: _ModelState, attn: Attention, original, hidden_states
         or (isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0)
     ):
         return original(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-    four_d = hidden_states.dim() == 4
-    if four_d:
-        batch, channels, height, width = hidden_states.shape
-        hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
-    # Without spatial_norm and group_norm, the residual is the input itself (token-major here).
-    residual = hidden_states
-    tokens, heads = hidden_states.shape[1], attn.heads
-    starts = range(0, tokens, chunk)
-
-    state_sum = mean_sum = None
-    for start in starts:
-        x = hidden_states[:, start : start + chunk]
-        key = attn.to_k(apply_kernel_mlp(getattr(attn, "to_k_", None), x))
-        if attn.norm_k is not None:
-            key = attn.norm_k(key.unflatten(-1, (heads, -1))).flatten(-2)
-        # Each chunk's state is the mean over its tokens: weighted by its share of them.
-        part, part_mean = linear_attention_state(key, attn.to_v(x), heads, feature_map="elu")
-        weight = x.shape[1] / tokens
-        if state_sum is None:
-            state_sum, mean_sum = part.mul_(weight), part_mean.mul_(weight)
-        else:
-            state_sum.add_(part, alpha=weight)
-            mean_sum.add_(part_mean, alpha=weight)
-        del key, part, part_mean
-
-    out = None
-    for start in starts:
-        x = hidden_states[:, start : start + chunk]
-        query = attn.to_q(apply_kernel_mlp(getattr(attn, "to_q_", None), x))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query.unflatten(-1, (heads, -1))).flatten(-2)
-        part = linear_attention_apply(query, state_sum, mean_sum, heads, feature_map="elu", eps=LINFUSION_EPS)
-        del query
-        part = attn.to_out[1](attn.to_out[0](part))
-        if attn.residual_connection:
-            part = part + residual[:, start : start + chunk]
-        part = part / attn.rescale_output_factor
-        if out is None:
-            # 4-D: channel-major, as the processor's transpose + reshape leaves it.
-            shape = (batch, channels, height, width) if four_d else (hidden_states.shape[0], tokens, part.shape[2])
-            out = part.new_empty(shape)
-            tokens_view = out.view(batch, channels, tokens).transpose(1, 2) if four_d else out
-        tokens_view[:, start : start + chunk] = part
-    return out
+    return linfusion_attention(attn, hidden_states, core=TokenChunkedCore(chunk))
 
 
 def _offload_output(state: _ModelState, original, *args, **kwargs):
@@ -551,7 +509,7 @@ def _choose(state: _ModelState, original, kwargs: dict, is_unet: bool, handle: L
         smallest = peak(last)
         if smallest > handle.max_memory:
             raise ValueError(
-                f"low_memory: max_memory={_format_bytes(handle.max_memory)} is too small for "
+                f"apply_low_memory: max_memory={_format_bytes(handle.max_memory)} is too small for "
                 f"{type(state.model).__name__} at sample shape {tuple(kwargs['sample'].shape)}: "
                 f"the smallest modelled peak is {_format_bytes(smallest)} (weights included), "
                 f"with {last}"
@@ -581,7 +539,7 @@ def _model_forward(state: _ModelState, handle: LowMemoryHandle, signature, is_un
     return _run(state, original, kwargs, is_unet)
 
 
-def low_memory(
+def apply_low_memory(
     unet: nn.Module,
     controlnet: Optional[nn.Module] = None,
     *,
@@ -616,10 +574,10 @@ def low_memory(
     """
     for name, size in (("ff_chunk_size", ff_chunk_size), ("attn_chunk_size", attn_chunk_size)):
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-            raise ValueError(f"low_memory: {name} must be a positive int or None, got {size!r}")
+            raise ValueError(f"apply_low_memory: {name} must be a positive int or None, got {size!r}")
     for name, model in (("unet", unet), ("controlnet", controlnet)):
         if model is not None and not hasattr(model, "down_blocks"):
-            raise TypeError(f"low_memory: {name} must be a diffusers UNet2DConditionModel or ControlNetModel, got {type(model).__name__}")
+            raise TypeError(f"apply_low_memory: {name} must be a diffusers UNet2DConditionModel or ControlNetModel, got {type(model).__name__}")
     budget = None if max_memory is None else parse_bytes(max_memory)
     fixed = None if budget is not None else Techniques(bool(chunked_cfg), ff_chunk_size, bool(inplace_silu), bool(offload_skips), attn_chunk_size)
     states = {"unet": _ModelState(unet, fixed, offload_device)}
@@ -660,4 +618,16 @@ def low_memory(
     return handle
 
 
-__all__ = ["low_memory", "LowMemoryHandle", "Techniques"]
+def low_memory(*args, **kwargs) -> LowMemoryHandle:
+    """Deprecated alias of `apply_low_memory` (same arguments), kept for one release: the
+    function was named like its module, which hid one or the other on the package."""
+    warnings.warn(
+        "linfusion_ops.highres.low_memory(...) is deprecated and will be removed in the next "
+        "release; call linfusion_ops.highres.apply_low_memory(...) instead",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return apply_low_memory(*args, **kwargs)
+
+
+__all__ = ["apply_low_memory", "low_memory", "LowMemoryHandle", "Techniques"]

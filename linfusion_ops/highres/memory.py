@@ -7,7 +7,7 @@ the allocator's rounding. On the meta device nothing is allocated, so the model 
 SD 1.5 / SD-XL step at 16K costs no memory: linfusion_ops' fake kernels and PyTorch's meta
 kernels carry the shapes. `model_peak` runs any module that way (its parameters replaced by
 meta tensors of the same shapes for the duration of the call) and adds what is resident:
-weights, buffers and inputs. `low_memory(max_memory=...)` chooses its techniques from it.
+weights, buffers and inputs. `apply_low_memory(max_memory=...)` chooses its techniques from it.
 """
 
 import re

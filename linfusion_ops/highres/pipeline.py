@@ -117,13 +117,13 @@ class _HighResMixin:
     # -----------------------------------------------------------------------------------------
     # Memory options (linfusion_ops.highres.low_memory / tiled_vae)
     def enable_low_memory(self, **kwargs):
-        """Apply `linfusion_ops.highres.low_memory(self.unet, self.controlnet, **kwargs)`
+        """Apply `linfusion_ops.highres.apply_low_memory(self.unet, self.controlnet, **kwargs)`
         (chunked CFG, chunked feed-forward, in-place SiLU, CPU-held skips, chunked LinFusion
         self-attention, or a `max_memory` budget) until `disable_low_memory()`. Returns the handle."""
-        from . import low_memory
+        from .low_memory import apply_low_memory
 
         self.disable_low_memory()
-        self._low_memory_handle = low_memory(self.unet, self.controlnet, **kwargs)
+        self._low_memory_handle = apply_low_memory(self.unet, self.controlnet, **kwargs)
         return self._low_memory_handle
 
     def disable_low_memory(self):

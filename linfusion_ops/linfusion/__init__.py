@@ -1,12 +1,14 @@
 """linfusion_ops.linfusion: LinFusion (Liu et al., 2024) on linfusion_ops' kernels.
 
-* `LinFusion`, `has_linfusion`, `GeneralizedLinearAttention`, `MODEL_DICT` (model): the
-  official checkpoints' layers, mounted on a diffusers UNet's self-attention.
-* `LinFusionAttnProcessor`, `LINFUSION_EPS` (processor): the attention processor.
+* `LinFusion`, `has_linfusion`, `is_self_attention`, `GeneralizedLinearAttention`,
+  `MODEL_DICT` (model): the official checkpoints' layers, mounted on a diffusers UNet's
+  self-attention.
+* `LinFusionAttnProcessor`, `linfusion_attention`, `FusedCore`, `TokenChunkedCore`,
+  `LINFUSION_EPS` (processor): the one attention body and its cores.
 * `apply_kernel_mlp` (and the module kernel_mlp): LinFusion's kernel-function MLPs.
-* `SequenceParallelLinFusionAttnProcessor`, `token_slice` (distributed): sequence-parallel
-  LinFusion attention over torch.distributed ranks (its `linear_attention` is
-  `linfusion_ops.linfusion.distributed.linear_attention`).
+* `SequenceParallelLinFusionAttnProcessor`, `SequenceParallelCore`, `token_slice`
+  (distributed): sequence-parallel LinFusion attention over torch.distributed ranks (its
+  `linear_attention` is `linfusion_ops.linfusion.distributed.linear_attention`).
 * `Attn1FeatureTap`, `distillation_loss`, ... (distillation): what one distillation step
   computes; `linfusion_ops.linfusion.distill` is the training script built on it
   (`python -m linfusion_ops.linfusion.distill --help`).
@@ -21,10 +23,15 @@ _LAZY = {
     "GeneralizedLinearAttention": ".model",
     "MODEL_DICT": ".model",
     "has_linfusion": ".model",
+    "is_self_attention": ".model",
     "LinFusionAttnProcessor": ".processor",
+    "linfusion_attention": ".processor",
+    "FusedCore": ".processor",
+    "TokenChunkedCore": ".processor",
     "LINFUSION_EPS": ".processor",
     "apply_kernel_mlp": ".kernel_mlp",
     "SequenceParallelLinFusionAttnProcessor": ".distributed",
+    "SequenceParallelCore": ".distributed",
     "token_slice": ".distributed",
     "Attn1FeatureTap": ".distillation",
     "DistillationLoss": ".distillation",

@@ -154,9 +154,9 @@ class Attn1FeatureTap:
 
     def __init__(self, unet: nn.Module, module_names: Optional[Iterable[str]] = None):
         if module_names is None:
-            from .model import _is_self_attention
+            from .model import is_self_attention
 
-            module_names = [n for n, m in unet.named_modules() if _is_self_attention(n, m)]
+            module_names = [n for n, m in unet.named_modules() if is_self_attention(n, m)]
         self.module_names = list(module_names)
         if not self.module_names:
             raise ValueError("Attn1FeatureTap: no modules to tap (the UNet has no attn1 modules?)")

@@ -47,10 +47,10 @@ import torch
 import torch.distributed as dist
 
 from .. import reference
-from ..ops import _check_feature_map, _check_heads, linear_attention_apply, linear_attention_state
-from .kernel_mlp import apply_kernel_mlp
+from ..ops import check_feature_map, check_heads, linear_attention_apply, linear_attention_state
+from .processor import LINFUSION_EPS, FusedCore, linfusion_attention
 
-__all__ = ["linear_attention", "token_slice", "SequenceParallelLinFusionAttnProcessor"]
+__all__ = ["linear_attention", "token_slice", "SequenceParallelCore", "SequenceParallelLinFusionAttnProcessor"]
 
 # The fingerprint of the arguments that must agree across ranks: _FINGERPRINT_DIGITS digits in
 # [1, 64], each all-reduced as (d, d^2). All ranks agree iff world * sum(d^2) == sum(d)^2 for
@@ -92,13 +92,13 @@ def _resolve_group(group, device: torch.device):
 def _check_local_inputs(q, k, v, heads, key_padding_mask) -> None:
     """Cheap local checks, run before the collective so that bad arguments fail on this rank
     before it enters the all-reduce."""
-    dk = _check_heads(q, heads, "q")
-    if _check_heads(k, heads, "k") != dk:
+    dk = check_heads(q, heads, "q")
+    if check_heads(k, heads, "k") != dk:
         raise ValueError(
             f"linfusion_ops.linfusion.distributed: q and k must have the same channels per head, got "
             f"{q.shape[2]} and {k.shape[2]} for {heads} heads"
         )
-    _check_heads(v, heads, "v")
+    check_heads(v, heads, "v")
     if k.shape[:2] != v.shape[:2]:
         raise ValueError(
             f"linfusion_ops.linfusion.distributed: k and v must share (B, N), got {tuple(k.shape)} and {tuple(v.shape)}"
@@ -217,44 +217,78 @@ def linear_attention(
         (B, Nq_r, H*Dv) in q's dtype: the attention of this rank's queries over all kept keys.
         Differentiable in q, k and v; every rank must run the backward.
     """
-    _check_feature_map(feature_map)
+    check_feature_map(feature_map)
     _check_local_inputs(q, k, v, heads, key_padding_mask)
-    group = _resolve_group(group, q.device)
-
-    # Empty slices take the reference path: no kernel launch on an empty tensor, and the autograd
-    # graph still runs through the all-reduce, so this rank joins the backward collective.
-    state_fn = reference.linear_attention_state if k.shape[1] == 0 else linear_attention_state
-    apply_fn = reference.linear_attention_apply if q.shape[1] == 0 else linear_attention_apply
-
-    state, key_mean = state_fn(k, v, heads, feature_map=feature_map, key_padding_mask=key_padding_mask)
-    acc = state.dtype
-    b, h, dk, dv = state.shape
-    if key_padding_mask is None:
-        count = torch.full((b,), k.shape[1], dtype=acc, device=state.device)
-    else:
-        count = key_padding_mask.sum(dim=1).to(acc)
-    digits = _fingerprint(feature_map, acc, tuple(state.shape), state.device)
-
-    packed = torch.cat(
-        [
-            (state * count[:, None, None, None]).flatten(),
-            (key_mean * count[:, None, None]).flatten(),
-            count,
-            digits,
-        ]
+    core = SequenceParallelCore(
+        _resolve_group(group, q.device), feature_map=feature_map, eps=eps, check_ranks=check_ranks
     )
-    total = _AllReduceSum.apply(packed, group)
+    state, key_mean = core.state(k, v, heads, key_padding_mask)
+    state, key_mean = core.combine(state, key_mean, key_padding_mask, k.shape[1])
+    return core.apply(q, state, key_mean, heads)
 
-    world = dist.get_world_size(group)
-    if check_ranks and world <= _FINGERPRINT_MAX_WORLD and not _skip_host_checks():
-        _check_fingerprint(total[-digits.numel():], world)
 
-    state_size, key_mean_size = b * h * dk * dv, b * h * dk
-    n = total[state_size + key_mean_size : state_size + key_mean_size + b].detach()
-    inv_n = torch.where(n > 0, 1.0 / n.clamp(min=1), torch.zeros_like(n))
-    global_state = total[:state_size].view(b, h, dk, dv) * inv_n[:, None, None, None]
-    global_key_mean = total[state_size : state_size + key_mean_size].view(b, h, dk) * inv_n[:, None, None]
-    return apply_fn(q, global_state, global_key_mean, heads, feature_map=feature_map, eps=eps)
+class SequenceParallelCore(FusedCore):
+    """The linfusion_attention core for one rank's token slice: the local state of the slice's
+    keys, ONE all-reduce of (n_r S_r, n_r z_r, n_r) plus the rank fingerprint (see the module
+    docstring), the queries applied to the global state. Empty slices take the reference ops
+    (no kernel launch on an empty tensor) and still join the collectives, forward and backward.
+
+    Args:
+        group: the process group holding the slices (default: the world group).
+        feature_map, eps: as for FusedCore; feature_map the same on every rank.
+        check_ranks: as for linear_attention.
+    """
+
+    def __init__(
+        self,
+        group: Optional["dist.ProcessGroup"] = None,
+        *,
+        feature_map: str = "elu",
+        eps: float = LINFUSION_EPS,
+        check_ranks: bool = True,
+    ):
+        super().__init__(feature_map, eps)
+        self.group = group
+        self.check_ranks = check_ranks
+
+    def state(self, key, value, heads, key_padding_mask):
+        state_fn = reference.linear_attention_state if key.shape[1] == 0 else linear_attention_state
+        return state_fn(key, value, heads, feature_map=self.feature_map, key_padding_mask=key_padding_mask)
+
+    def combine(self, state, key_mean, key_padding_mask, num_keys):
+        group = _resolve_group(self.group, state.device)
+        acc = state.dtype
+        b, h, dk, dv = state.shape
+        if key_padding_mask is None:
+            count = torch.full((b,), num_keys, dtype=acc, device=state.device)
+        else:
+            count = key_padding_mask.sum(dim=1).to(acc)
+        digits = _fingerprint(self.feature_map, acc, tuple(state.shape), state.device)
+
+        packed = torch.cat(
+            [
+                (state * count[:, None, None, None]).flatten(),
+                (key_mean * count[:, None, None]).flatten(),
+                count,
+                digits,
+            ]
+        )
+        total = _AllReduceSum.apply(packed, group)
+
+        world = dist.get_world_size(group)
+        if self.check_ranks and world <= _FINGERPRINT_MAX_WORLD and not _skip_host_checks():
+            _check_fingerprint(total[-digits.numel():], world)
+
+        state_size, key_mean_size = b * h * dk * dv, b * h * dk
+        n = total[state_size + key_mean_size : state_size + key_mean_size + b].detach()
+        inv_n = torch.where(n > 0, 1.0 / n.clamp(min=1), torch.zeros_like(n))
+        global_state = total[:state_size].view(b, h, dk, dv) * inv_n[:, None, None, None]
+        global_key_mean = total[state_size : state_size + key_mean_size].view(b, h, dk) * inv_n[:, None, None]
+        return global_state, global_key_mean
+
+    def apply(self, query, state, key_mean, heads):
+        apply_fn = reference.linear_attention_apply if query.shape[1] == 0 else linear_attention_apply
+        return apply_fn(query, state, key_mean, heads, feature_map=self.feature_map, eps=self.eps)
 
 
 def token_slice(num_tokens: int, group: Optional["dist.ProcessGroup"] = None) -> slice:
@@ -275,19 +309,22 @@ def token_slice(num_tokens: int, group: Optional["dist.ProcessGroup"] = None) ->
     return slice(start, start + base + (1 if rank < extra else 0))
 
 
-class SequenceParallelLinFusionAttnProcessor:
+class SequenceParallelLinFusionAttnProcessor(SequenceParallelCore):
     """A diffusers attention processor for LinFusion self-attention over a token slice.
 
     Set it on the self-attention modules (`attn1`) of a UNet whose activations a
     sequence- or patch-parallel framework has split by tokens: each rank's `hidden_states` is
     its contiguous slice (B, N_r, C) of the image tokens (a row-split latent flattens to a
     contiguous range). The projections run on the local tokens; only the linear-attention state
-    crosses ranks (linear_attention above), never the keys and values.
+    crosses ranks (SequenceParallelCore above), never the keys and values.
 
-    The module follows the layout of the official LinFusion checkpoints: diffusers `Attention`
-    with `to_q`, `to_k`, `to_v`, `to_out`, and optional kernel-function MLPs `to_q_` / `to_k_`
-    applied as residuals, q = to_q(x + to_q_(x)), k = to_k(x + to_k_(x)), v = to_v(x). Without
-    them it is plain linear attention over to_q/to_k/to_v.
+    It runs LinFusionAttnProcessor's body (linfusion_ops.linfusion.processor.linfusion_attention)
+    and is its own core (a SequenceParallelCore with the same arguments). The module follows the
+    layout of the official LinFusion checkpoints, a diffusers `Attention` with `to_q`, `to_k`,
+    `to_v`, `to_out` and optional kernel-function MLPs `to_q_` / `to_k_` applied as residuals,
+    q = to_q(x + to_q_(x)), k = to_k(x + to_k_(x)), v = to_v(x), each through the module's
+    per-head qk-norm (norm_q / norm_k) when it has one. Without the MLPs it is plain linear
+    attention over to_q/to_k/to_v.
 
     Args:
         group: the process group holding the token slices (default: the world group).
@@ -298,20 +335,6 @@ class SequenceParallelLinFusionAttnProcessor:
     the replicated text tokens, so it needs no communication), attention masks, 4-D inputs,
     and modules with group_norm or spatial_norm (they normalize over all tokens).
     """
-
-    def __init__(
-        self,
-        group: Optional["dist.ProcessGroup"] = None,
-        *,
-        feature_map: str = "elu",
-        eps: float = 1e-4,
-        check_ranks: bool = True,
-    ):
-        _check_feature_map(feature_map)
-        self.group = group
-        self.feature_map = feature_map
-        self.eps = eps
-        self.check_ranks = check_ranks
 
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
@@ -333,17 +356,4 @@ class SequenceParallelLinFusionAttnProcessor:
                 "SequenceParallelLinFusionAttnProcessor: attn: group_norm / spatial_norm normalize "
                 "over all tokens and are not supported"
             )
-        residual = hidden_states
-        query = attn.to_q(apply_kernel_mlp(getattr(attn, "to_q_", None), hidden_states))
-        key = attn.to_k(apply_kernel_mlp(getattr(attn, "to_k_", None), hidden_states))
-        value = attn.to_v(hidden_states)
-
-        out = linear_attention(
-            query, key, value, attn.heads, group=self.group, feature_map=self.feature_map, eps=self.eps,
-            check_ranks=self.check_ranks,
-        )
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return linfusion_attention(attn, hidden_states, core=self)

@@ -70,7 +70,9 @@ def _resolve_unet(pipeline, unet):
     return pipeline.unet
 
 
-def _is_self_attention(name: str, module: nn.Module) -> bool:
+def is_self_attention(name: str, module: nn.Module) -> bool:
+    """Whether `module`, named `name` in a UNet, is a self-attention that LinFusion replaces: a
+    diffusers Attention called attn1 that is not configured as cross-attention."""
     # The official code selects the UNet's attn1 modules; is_cross_attention guards against
     # an attn1 that is configured as cross-attention (only_cross_attention blocks).
     return (
@@ -128,7 +130,7 @@ class LinFusion(ModelMixin, ConfigMixin):
         unet = _resolve_unet(pipeline, unet)
         modules_list = []
         for name, module in unet.named_modules():
-            if _is_self_attention(name, module):
+            if is_self_attention(name, module):
                 dim_n = module.to_q.weight.shape[0]
                 modules_list.append(
                     {

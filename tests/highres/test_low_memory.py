@@ -1,4 +1,4 @@
-"""low_memory: every technique gives the plain forward's result (in-place SiLU and skip offload
+"""apply_low_memory: every technique gives the plain forward's result (in-place SiLU and skip offload
 bit for bit; chunked CFG, chunked feed-forward and chunked self-attention within fp32 rounding, since a GEMM or
 convolution of another batch or token count may be blocked differently), with LinFusion
 mounted, IP-Adapter and ControlNet; chunked CFG splits every kind of batched argument; the
@@ -13,7 +13,7 @@ import torch
 from diffusers.models.controlnets.controlnet import ControlNetOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from diffusers.models.attention_processor import AttnProcessor2_0
-from linfusion_ops.highres.low_memory import _concat, _split_batch, low_memory
+from linfusion_ops.highres.low_memory import _concat, _split_batch, apply_low_memory
 from linfusion_ops.highres.memory import LiveBytes, model_peak, module_bytes, parse_bytes, tensor_bytes
 from tests.helpers.tiny_models import load_tiny_ip_adapter, make_linfusion, make_unet, tiny_controlnet, unet_inputs
 
@@ -37,7 +37,7 @@ def _unet(kind, with_controlnet=False):
 
 
 def _snapshot(model):
-    """Everything low_memory could change: tensors, processors, instance forwards."""
+    """Everything apply_low_memory could change: tensors, processors, instance forwards."""
     return (
         {k: v.clone() for k, v in model.state_dict().items()},
         dict(model.attn_processors),
@@ -68,7 +68,7 @@ def test_technique_matches_plain_forward_and_is_removable(kind, technique):
     snapshot = _snapshot(unet)
     with torch.no_grad():
         ref = unet(**inputs).sample
-        with low_memory(unet, **TECHNIQUES[technique]) as handle:
+        with apply_low_memory(unet, **TECHNIQUES[technique]) as handle:
             out = unet(**inputs)
             tup = unet(**inputs, return_dict=False)
         assert isinstance(out, UNet2DConditionOutput) and isinstance(tup, tuple) and len(tup) == 1
@@ -88,7 +88,7 @@ def test_inplace_silu_keeps_the_time_embedding_and_the_block_input():
     x0, temb0 = x.clone(), temb.clone()
     with torch.no_grad():
         ref = block(x, temb)
-        with low_memory(unet, inplace_silu=True):
+        with apply_low_memory(unet, inplace_silu=True):
             out = block(x, temb)
     assert torch.equal(out, ref) and torch.equal(x, x0) and torch.equal(temb, temb0)
 
@@ -101,7 +101,7 @@ def test_gradients_flow_through_low_memory():
     unet(**inputs).sample.square().mean().backward()
     ref = {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
     unet.zero_grad()
-    with low_memory(unet, chunked_cfg=False, ff_chunk_size=24):
+    with apply_low_memory(unet, chunked_cfg=False, ff_chunk_size=24):
         unet(**inputs).sample.square().mean().backward()
     for name, grad in ref.items():
         torch.testing.assert_close(dict(unet.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
@@ -120,7 +120,7 @@ def test_ip_adapter_embeds_are_split_per_adapter(kind):
     inputs["added_cond_kwargs"] = added
     with torch.no_grad():
         ref = unet(**inputs).sample
-        with low_memory(unet, **TECHNIQUES["all"]):
+        with apply_low_memory(unet, **TECHNIQUES["all"]):
             out = unet(**inputs).sample
         other = dict(inputs, added_cond_kwargs=dict(added, image_embeds=[added["image_embeds"][0].flip(0)]))
         assert not torch.allclose(unet(**other).sample, ref, atol=1e-4)  # the embeds matter
@@ -142,7 +142,7 @@ def test_controlnet_residuals(kind, technique):
 
     with torch.no_grad():
         ref_res, ref = step(True)
-        with low_memory(unet, controlnet, **TECHNIQUES[technique]):
+        with apply_low_memory(unet, controlnet, **TECHNIQUES[technique]):
             res, out = step(True)
             tup_res, tup_out = step(False)
     exact = technique in EXACT
@@ -199,7 +199,7 @@ def test_odd_batch_and_timestep_vector():
         ref = unet(**inputs).sample
         single = {k: v[:1] for k, v in inputs.items()}
         ref_single = unet(**single).sample
-        with low_memory(unet, chunked_cfg=True):
+        with apply_low_memory(unet, chunked_cfg=True):
             out = unet(**inputs).sample  # timestep tensor([10, 500]): one per half
             out_single = unet(**single).sample  # batch 1: not split
             out_scalar = unet(**dict(inputs, timestep=500)).sample
@@ -220,7 +220,7 @@ def test_parse_bytes():
 
 
 def _budget_peaks(unet, inputs):
-    with torch.no_grad(), low_memory(unet, max_memory=10**12) as handle:
+    with torch.no_grad(), apply_low_memory(unet, max_memory=10**12) as handle:
         unet(**inputs)
     return handle.plans[0]
 
@@ -236,7 +236,7 @@ def test_max_memory_chooses_and_errors():
     )
     # Just below the cheapest set's peak: a more aggressive set is chosen, and fits.
     budget = roomy["modelled_peak_bytes"] - 1
-    with torch.no_grad(), low_memory(unet, max_memory=budget) as handle:
+    with torch.no_grad(), apply_low_memory(unet, max_memory=budget) as handle:
         assert handle.techniques is None  # nothing chosen before the first call
         out = unet(**inputs).sample
     plan = handle.plans[0]
@@ -244,7 +244,7 @@ def test_max_memory_chooses_and_errors():
     assert handle.techniques["chunked_cfg"]
     _check(out, ref, exact=False)
     # Less than the weights: nothing fits, and the error says what would be needed.
-    with low_memory(unet, max_memory=module_bytes([unet]) // 2):
+    with apply_low_memory(unet, max_memory=module_bytes([unet]) // 2):
         with pytest.raises(ValueError, match="max_memory=.*too small.*smallest modelled peak"):
             with torch.no_grad():
                 unet(**inputs)
@@ -269,7 +269,7 @@ def test_memory_model_matches_live_bytes_on_cpu_and_each_technique_saves():
         ("ff_chunks", dict(chunked_cfg=False, inplace_silu=False, ff_chunk_size=64)),
         ("offload_skips", dict(chunked_cfg=False, inplace_silu=False, offload_skips=True)),
     ]:
-        with low_memory(unet, **kwargs):
+        with apply_low_memory(unet, **kwargs):
             peaks[name] = model_peak(lambda meta: unet(**meta), [unet], inputs)
             if name != "offload_skips":  # on a CPU-only machine the skips stay where they are
                 with torch.no_grad(), LiveBytes("cpu") as counter:
@@ -283,7 +283,7 @@ def test_memory_model_matches_live_bytes_on_cpu_and_each_technique_saves():
     args = (torch.randn(2, 32, 32, 32), torch.randn(2, 128))
     block_peaks = []
     for inplace in (False, True):
-        with low_memory(unet, chunked_cfg=False, inplace_silu=inplace):
+        with apply_low_memory(unet, chunked_cfg=False, inplace_silu=inplace):
             block_peaks.append(model_peak(lambda meta: block(*meta), [block], args))
     assert block_peaks[1] < block_peaks[0]
 
@@ -309,7 +309,7 @@ def test_chunked_self_attention_matches_the_linfusion_processor(kind, chunk):
         attn.residual_connection, attn.rescale_output_factor = True, 2.0
         refs += [attn(x), attn(x4)]
         attn.residual_connection, attn.rescale_output_factor = False, 1.0
-        with low_memory(unet, chunked_cfg=False, inplace_silu=False, attn_chunk_size=chunk) as handle:
+        with apply_low_memory(unet, chunked_cfg=False, inplace_silu=False, attn_chunk_size=chunk) as handle:
             assert handle.techniques["attn_chunk_size"] == chunk
             outs = [attn(x), attn(x4)]
             attn.residual_connection, attn.rescale_output_factor = True, 2.0
@@ -322,7 +322,7 @@ def test_chunked_self_attention_matches_the_linfusion_processor(kind, chunk):
 
 def test_chunked_self_attention_falls_back_to_the_processor(monkeypatch):
     """Masks, encoder states, gradients, active dropout and another processor run the module as
-    it is (the chunked path, which would call linear_attention_state, is not taken)."""
+    it is (the chunked path, linfusion_attention with a TokenChunkedCore, is not taken)."""
     unet = _unet("sd15")
     attn = _attn1(unet)
     g = torch.Generator().manual_seed(6)
@@ -337,10 +337,11 @@ def test_chunked_self_attention_falls_back_to_the_processor(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the chunked path ran")
 
-    with low_memory(unet, chunked_cfg=False, inplace_silu=False, attn_chunk_size=5):
-        # The module, not the function of the same name that linfusion_ops.highres exports.
+    with apply_low_memory(unet, chunked_cfg=False, inplace_silu=False, attn_chunk_size=5):
+        # The module, not the deprecated function of the same name that linfusion_ops.highres
+        # exports; the processor itself calls processor.linfusion_attention, not this name.
         module = importlib.import_module("linfusion_ops.highres.low_memory")
-        monkeypatch.setattr(module, "linear_attention_state", fail)
+        monkeypatch.setattr(module, "linfusion_attention", fail)
         with torch.no_grad():
             assert torch.equal(attn(x, attention_mask=mask), ref_mask)
             assert torch.equal(attn(x, encoder_hidden_states=x[:, :5]), ref_context)
@@ -361,7 +362,7 @@ def test_chunked_self_attention_falls_back_to_the_processor(monkeypatch):
     inputs = unet_inputs("sd15")
     with torch.no_grad():
         ref = plain(**inputs).sample
-        with low_memory(plain, chunked_cfg=False, inplace_silu=False, attn_chunk_size=5):
+        with apply_low_memory(plain, chunked_cfg=False, inplace_silu=False, attn_chunk_size=5):
             assert torch.equal(plain(**inputs).sample, ref)
 
 
@@ -371,12 +372,15 @@ def test_chunked_self_attention_lowers_the_modelled_peak():
     x = torch.randn(2, 4096, attn.to_q.in_features)
     peaks = []
     for chunk in (None, 256):
-        with low_memory(unet, chunked_cfg=False, inplace_silu=False, attn_chunk_size=chunk):
+        with apply_low_memory(unet, chunked_cfg=False, inplace_silu=False, attn_chunk_size=chunk):
             peaks.append(model_peak(lambda meta: attn(meta), [attn], x))
-    # Unchunked: input, q, k, v, the kernel MLPs' hidden layers and the output at once;
-    # chunked: the input and the output, plus one chunk's temporaries.
-    assert peaks[1] < 0.5 * peaks[0], peaks
-    with low_memory(unet, chunked_cfg=False, inplace_silu=False, attn_chunk_size=256):
+    # Unchunked: the input and, at once, three more full-size tensors of one pass (the key MLP's
+    # hidden layers and k, or q and the output); chunked: the input and the output, plus a few
+    # temporaries of one chunk (256 of 4096 tokens).
+    x_bytes, weights = tensor_bytes(x), module_bytes([attn])
+    assert peaks[0] >= weights + 4 * x_bytes, peaks
+    assert peaks[1] <= weights + 2 * x_bytes + 8 * x_bytes // 16, peaks
+    with apply_low_memory(unet, chunked_cfg=False, inplace_silu=False, attn_chunk_size=256):
         with torch.no_grad(), LiveBytes("cpu") as counter:
             attn(x)
     assert abs(module_bytes([attn]) + tensor_bytes(x) + counter.peak - peaks[1]) <= 0.02 * peaks[1]
@@ -386,5 +390,24 @@ def test_attn_chunk_size_is_checked():
     unet = make_unet("sd15")
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="attn_chunk_size must be a positive int or None"):
-            low_memory(unet, attn_chunk_size=bad)
+            apply_low_memory(unet, attn_chunk_size=bad)
     assert "forward" not in unet.__dict__
+
+
+def test_low_memory_is_a_deprecated_alias_of_apply_low_memory():
+    """linfusion_ops.highres.low_memory (the function) still works for one release, with a
+    DeprecationWarning, and patches the same forwards as apply_low_memory."""
+    import linfusion_ops.highres as highres
+
+    unet = _unet("sd15")
+    inputs = unet_inputs("sd15")
+    with torch.no_grad():
+        ref = unet(**inputs).sample
+        with pytest.warns(DeprecationWarning, match="apply_low_memory"):
+            handle = highres.low_memory(unet, chunked_cfg=False, inplace_silu=False, attn_chunk_size=5)
+        with handle:
+            assert handle.techniques["attn_chunk_size"] == 5
+            assert "forward" in _attn1(unet).__dict__
+            torch.testing.assert_close(unet(**inputs).sample, ref, rtol=1e-5, atol=1e-5)
+    assert "forward" not in _attn1(unet).__dict__
+    assert highres.apply_low_memory is importlib.import_module("linfusion_ops.highres.low_memory").apply_low_memory
