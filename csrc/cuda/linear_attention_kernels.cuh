@@ -855,7 +855,10 @@ struct TcTokenShape {
   static constexpr int kCols = COLS;           // DP, or DP + 16 with the key mean at column DP
   static constexpr int kLdS = kCols + 8;       // +16 bytes per row: conflict-free loads
   static constexpr int kLdT = DP + 8;
-  static constexpr int kLdP = kCols + 4;       // fp32 products
+  // fp32 products, written by WMMA accumulator stores: each 16-lane phase stores 4 rows x 8
+  // words, in distinct banks when the row stride is 8 or 24 words mod 32 (kCols is a multiple
+  // of 16), instead of 2-way conflicts with kCols + 4.
+  static constexpr int kLdP = kCols + 8;
   static constexpr size_t kHalfBytes = size_t(DP) * kLdS * 2;    // hi or lo
   static constexpr size_t kTileBytes = size_t(kTokens) * kLdT * 2;
   static constexpr size_t kProductBytes = size_t(kTokens) * kLdP * 4;
@@ -957,7 +960,7 @@ constexpr int kTcBackwardWarps = 8;
 template <int DP>
 struct TcApplyBackwardShape : TcTokenShape<DP, DP + 16> {
   using Base = TcTokenShape<DP, DP + 16>;
-  static constexpr int kLdR = DP + 4;  // fp32 dO S^T
+  static constexpr int kLdR = DP + 8;  // fp32 dO S^T, padded as kLdP
   static constexpr size_t kRBytes = size_t(Base::kTokens) * kLdR * 4;
   static constexpr size_t kSmemBytes = 2 * Base::kHalfBytes + 2 * Base::kTileBytes +
                                        Base::kProductBytes + kRBytes +
