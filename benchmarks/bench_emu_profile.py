@@ -3,7 +3,7 @@ profiler (linfusion_ops.emulated.profile, checked flavour) at emulation-sized sh
 counters fitted per launch as a N + b S + c (S: the launch's token splits per head, or its
 blocks) and extrapolated to real sizes, then the roofline model of benchmarks/emu_profile.py.
 
-    python benchmarks/bench_emu_profile.py [--quick] [--out benchmarks/results]
+    python benchmarks/bench_emu_profile.py [--quick | --dims D ...] [--out benchmarks/results]
 
 writes emu_profile.json and emu_profile.md (the table of benchmarks/README.md, "Emulator profile"). Each op runs at
 two N on a 1-SM H100 profile (few, fixed splits: the per-token growth, shown per token in the
@@ -172,13 +172,14 @@ def min_bytes(op, pass_, n, bh, d, elem):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one head dim per path (a smoke run)")
+    parser.add_argument("--dims", type=int, nargs="+", help="linear attention head dims (default 40 64 80 160)")
     parser.add_argument("--out", default=str(ep.RESULTS))
     args = parser.parse_args()
     if not emulated.available("checked"):
         raise SystemExit("bench_emu_profile: needs the checked emulation flavour (LINFUSION_OPS_CUDA_EMU=checked)")
     start = time.time()
     usage = {dev: ep.load_resource_usage(ep.DEVICES[dev]["arch"]) for dev in ep.DEVICES}
-    dims = (64,) if args.quick else (40, 64, 80, 160)
+    dims = tuple(args.dims) if args.dims else (64,) if args.quick else (40, 64, 80, 160)
     cases = []
     for dt in ("fp16", "bf16", "fp32"):
         for d in dims:
