@@ -381,31 +381,26 @@ __device__ inline MatrixItem matrix_item(int idx, int dk) {
   return {rest / width, full + rest % width};
 }
 
-// acc[i] += sum_j matrix[d][j] * s_rows[t * dv + j] for the items idx = threadIdx.x + i *
-// kGenericThreads < TOK * dk ((t, d) = matrix_item(idx)) of a per-token kernel; matrix: dk x dv,
-// row-major, acc_t. Lanes of a warp take different rows d, so reading `matrix` directly would
-// stride by dv between lanes (one sector per lane). Instead it goes through shared memory one
-// chunk of kChunkCols columns (one 32-byte sector of each row) at a time: a warp loads
-// 32 / kChunkCols rows of a chunk as whole sectors. In s_chunk (dk x kChunkCols) column c of
-// row r is stored at c ^ ((r / rows_per_warp) % kChunkCols): the rows a warp stores fall in
-// distinct banks, and so do 32 consecutive rows read at one column. Every thread of the block
-// must call it (barriers).
+// s_acc[idx] += sum_j matrix[d][j] * s_rows[t * dv + j] for every item idx < TOK * dk,
+// (t, d) = matrix_item(idx), of a per-token kernel; matrix: dk x dv, row-major, acc_t. Lanes of a
+// warp take different rows d, so reading `matrix` directly would stride by dv between lanes (one
+// sector per lane). Instead it goes through shared memory one chunk of kChunkCols columns (one
+// 32-byte sector of each row) at a time: a warp loads 32 / kChunkCols rows of a chunk as whole
+// sectors. In s_chunk (dk x kChunkCols) column c of row r is stored at
+// c ^ ((r / rows_per_warp) % kChunkCols): the rows a warp stores fall in distinct banks, and so
+// do 32 consecutive rows read at one column. The sums stay in shared memory (s_acc, TOK * dk;
+// item idx is always thread idx % kGenericThreads's), not in per-item registers: that would
+// take 16 accumulators per thread and 128 registers. Every thread of the block must call it.
 template <typename acc_t>
 constexpr int matrix_chunk_cols() {
   return 32 / static_cast<int>(sizeof(acc_t));
 }
-template <int TOK>
-constexpr int matrix_row_items() {
-  return (TOK * kGenericMaxDim + kGenericThreads - 1) / kGenericThreads;
-}
 
 template <typename acc_t, int TOK>
 __device__ inline void accumulate_matrix_rows(const acc_t* matrix, const acc_t* s_rows,
-                                              acc_t* s_chunk, int dk, int dv,
-                                              acc_t (&acc)[matrix_row_items<TOK>()]) {
+                                              acc_t* s_chunk, acc_t* s_acc, int dk, int dv) {
   constexpr int kChunkCols = matrix_chunk_cols<acc_t>();
   constexpr int kRowsPerWarp = kWarpSize / kChunkCols;
-  constexpr int kItems = matrix_row_items<TOK>();
   for (int j0 = 0; j0 < dv; j0 += kChunkCols) {
     const int width = dv - j0 < kChunkCols ? dv - j0 : kChunkCols;
     for (int idx = threadIdx.x; idx < dk * kChunkCols; idx += kGenericThreads) {
@@ -414,16 +409,14 @@ __device__ inline void accumulate_matrix_rows(const acc_t* matrix, const acc_t* 
           c < width ? matrix[int64_t(r) * dv + j0 + c] : acc_t(0);
     }
     __syncthreads();
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int idx = threadIdx.x + i * kGenericThreads;
-      if (idx < TOK * dk) {
-        const MatrixItem item = matrix_item<TOK>(idx, dk);
-        const int t = item.t, d = item.d;
-        const acc_t* row = s_chunk + d * kChunkCols;
-        const int swizzle = (d / kRowsPerWarp) % kChunkCols;
-        for (int c = 0; c < width; ++c) acc[i] += row[c ^ swizzle] * s_rows[t * dv + j0 + c];
-      }
+    for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) {
+      const MatrixItem item = matrix_item<TOK>(idx, dk);
+      const acc_t* row = s_chunk + item.d * kChunkCols;
+      const acc_t* y = s_rows + item.t * dv + j0;
+      const int swizzle = (item.d / kRowsPerWarp) % kChunkCols;
+      acc_t sum = 0;
+      for (int c = 0; c < width; ++c) sum += row[c ^ swizzle] * y[c];
+      s_acc[idx] += sum;
     }
     __syncthreads();  // the chunk's readers are done before the next chunk is stored
   }
@@ -497,18 +490,17 @@ __global__ void __launch_bounds__(kGenericThreads) linear_attention_apply_backwa
           threadIdx.x % 2 == 0 ? s_inv_den[t] : -s_g[t];
     }
   }
-  acc_t sdo[matrix_row_items<TOK>()] = {};
-  accumulate_matrix_rows<acc_t, TOK>(S, s_do, s_chunk, dk, dv, sdo);
-#pragma unroll
-  for (int i = 0; i < matrix_row_items<TOK>(); ++i) {
-    const int idx = threadIdx.x + i * kGenericThreads;
-    if (idx >= TOK * dk) continue;
+  // (S do_t)[d] accumulates in s_fq: phi(q) is no longer needed.
+  acc_t* s_sdo = s_fq;
+  for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) s_sdo[idx] = 0;
+  accumulate_matrix_rows<acc_t, TOK>(S, s_do, s_chunk, s_sdo, dk, dv);
+  for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) {
     const MatrixItem item = matrix_item<TOK>(idx, dk);
     const int t = item.t, d = item.d;
     const int64_t n = tile.n0 + t;
     if (n >= args.tokens) continue;
     const acc_t xq = static_cast<acc_t>(args.x[args.x_layout.offset(tile.b, n, tile.h) + d]);
-    const acc_t dfq = (sdo[i] - s_g[t] * z[d]) * s_inv_den[t];
+    const acc_t dfq = (s_sdo[idx] - s_g[t] * z[d]) * s_inv_den[t];
     args.out_x[args.out_x_layout.offset(tile.b, n, tile.h) + d] =
         static_cast<scalar_t>(dfq * feature_map_grad<F, acc_t>(xq));
   }
@@ -548,29 +540,6 @@ __global__ void __launch_bounds__(kGenericThreads) linear_attention_state_backwa
   __syncthreads();
   const acc_t* dS = args.matrix + tile.bh * dk * dv;
   const acc_t* dz = args.vec + tile.bh * dk;
-  constexpr int kItems = matrix_row_items<TOK>();
-  acc_t dfk[kItems];
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int idx = threadIdx.x + i * kGenericThreads;
-    dfk[i] = idx < TOK * dk ? dz[matrix_item<TOK>(idx, dk).d] * inv_n : acc_t(0);
-  }
-  accumulate_matrix_rows<acc_t, TOK>(dS, s_v, s_chunk, dk, dv, dfk);
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int idx = threadIdx.x + i * kGenericThreads;
-    if (idx >= TOK * dk) continue;
-    const MatrixItem item = matrix_item<TOK>(idx, dk);
-    const int t = item.t, d = item.d;
-    const int64_t n = tile.n0 + t;
-    if (n >= args.tokens) continue;
-    acc_t grad = 0;
-    if (args.mask.keep(tile.b, n)) {
-      const acc_t xk = static_cast<acc_t>(args.x[args.x_layout.offset(tile.b, n, tile.h) + d]);
-      grad = dfk[i] * feature_map_grad<F, acc_t>(xk);
-    }
-    args.out_x[args.out_x_layout.offset(tile.b, n, tile.h) + d] = static_cast<scalar_t>(grad);
-  }
   for (int idx = threadIdx.x; idx < TOK * dv; idx += blockDim.x) {
     const int t = idx / dv, j = idx % dv;
     const int64_t n = tile.n0 + t;
@@ -578,6 +547,24 @@ __global__ void __launch_bounds__(kGenericThreads) linear_attention_state_backwa
     acc_t grad = 0;
     for (int d = 0; d < dk; ++d) grad += s_fk[t * dk + d] * dS[int64_t(d) * dv + j];
     args.out_y[args.out_y_layout.offset(tile.b, n, tile.h) + j] = static_cast<scalar_t>(grad);
+  }
+  __syncthreads();  // s_fk's readers are done: (dS v_t + dz)[d] / n accumulates there
+  acc_t* s_dfk = s_fk;
+  for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) {
+    s_dfk[idx] = dz[matrix_item<TOK>(idx, dk).d] * inv_n;
+  }
+  accumulate_matrix_rows<acc_t, TOK>(dS, s_v, s_chunk, s_dfk, dk, dv);
+  for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) {
+    const MatrixItem item = matrix_item<TOK>(idx, dk);
+    const int t = item.t, d = item.d;
+    const int64_t n = tile.n0 + t;
+    if (n >= args.tokens) continue;
+    acc_t grad = 0;
+    if (args.mask.keep(tile.b, n)) {
+      const acc_t xk = static_cast<acc_t>(args.x[args.x_layout.offset(tile.b, n, tile.h) + d]);
+      grad = s_dfk[idx] * feature_map_grad<F, acc_t>(xk);
+    }
+    args.out_x[args.out_x_layout.offset(tile.b, n, tile.h) + d] = static_cast<scalar_t>(grad);
   }
 }
 
