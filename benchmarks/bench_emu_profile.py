@@ -3,7 +3,7 @@ profiler (linfusion_ops.emulated.profile, checked flavour) at emulation-sized sh
 counters fitted per launch as a N + b S + c (S: the launch's token splits per head, or its
 blocks) and extrapolated to real sizes, then the roofline model of benchmarks/emu_profile.py.
 
-    python benchmarks/bench_emu_profile.py [--quick] [--out benchmarks/results]
+    python benchmarks/bench_emu_profile.py [--quick | --dims D ...] [--out benchmarks/results]
 
 writes emu_profile.json and emu_profile.md (the table of benchmarks/README.md, "Emulator profile"). Each op runs at
 two N on a 1-SM H100 profile (few, fixed splits: the per-token growth, shown per token in the
@@ -172,13 +172,13 @@ def min_bytes(op, pass_, n, bh, d, elem):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one head dim per path (a smoke run)")
+    parser.add_argument("--dims", type=int, nargs="+", help="linear attention head dims (default 40 64 80 160)")
     parser.add_argument("--out", default=str(ep.RESULTS))
     args = parser.parse_args()
     if not emulated.available("checked"):
         raise SystemExit("bench_emu_profile: needs the checked emulation flavour (LINFUSION_OPS_CUDA_EMU=checked)")
     start = time.time()
-    usage = {dev: ep.load_resource_usage(ep.DEVICES[dev]["arch"]) for dev in ep.DEVICES}
-    dims = (64,) if args.quick else (40, 64, 80, 160)
+    dims = tuple(args.dims) if args.dims else (64,) if args.quick else (40, 64, 80, 160)
     cases = []
     for dt in ("fp16", "bf16", "fp32"):
         for d in dims:
@@ -192,10 +192,17 @@ def main():
     for dt in ("fp16", "fp32"):
         cases.append(("merge_segments", "copy", dt, 768, 1, [(4, 0), (8, 0)]))
 
-    results = []
+    measured_cases = []
     for op, path, dt, d, bh_e, ns in cases:
         t0 = time.time()
         passes = measure_op(op, dt, d, ns, bh_e)
+        measured_cases.append((op, path, dt, d, bh_e, ns, passes, time.time() - t0))
+        print(f"{op} {path} {dt} D={d}: {measured_cases[-1][-1]:.0f} s", flush=True)
+
+    # Read after the (long) emulation, so that a resource_usage.py run that ends meanwhile counts.
+    usage = {dev: ep.load_resource_usage(ep.DEVICES[dev]["arch"]) for dev in ep.DEVICES}
+    results = []
+    for op, path, dt, d, bh_e, ns, passes, seconds in measured_cases:
         elem = ELEM[dt]
         entry = {"op": op, "path": path, "dtype": dt, "dim": d, "emulated": {"heads": bh_e, "runs": ns},
                  "passes": {}}
@@ -242,8 +249,7 @@ def main():
             occ = {dev: min(ep.occupancy(dev, row["threads"], usage[dev].get(row["kernel"], {}).get("registers"),
                                          row["smem"])["occupancy"] for row in fitted) for dev in ep.DEVICES}
             entry["passes"][p] = {"measured": measured, "occupancy_min": occ, "predicted": pred}
-        entry["seconds_emulated"] = time.time() - t0
-        print(f"{op} {path} {dt} D={d}: {entry['seconds_emulated']:.0f} s", flush=True)
+        entry["seconds_emulated"] = seconds
         results.append(entry)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

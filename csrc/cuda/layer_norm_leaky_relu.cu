@@ -181,9 +181,16 @@ __global__ void __launch_bounds__(kBlockThreads)
   using L = FastLayout<scalar_t, kThreadsPerRow>;
   using Vec = typename L::Vec;
   __shared__ float reduce_smem[kBlockWarps * 2];
-  // Per-row-group dweight / dbias partials, laid out [group][channel] with kThreadsPerRow *
-  // kElemsPerThread channel slots per group (>= C).
-  __shared__ float group_partials[kBlockThreads * kElemsPerThread];
+  // Per-row-group dweight / dbias partials: slot e = group * kGroupSlots + channel (kThreadsPerRow
+  // * kElemsPerThread channel slots per group, >= C) lives at e + e / 32. A thread stores kVec
+  // consecutive channels, so without the padding word after every 32 slots the lanes of a warp
+  // would store kVec words apart (a kVec-way bank conflict; with >= 32 threads per row the
+  // padding makes it conflict-free), while 32 consecutive channels (the reads) stay 32
+  // consecutive words.
+  constexpr int kGroupSlots = kThreadsPerRow * kElemsPerThread;
+  constexpr int kSlots = L::kRowsPerBlock * kGroupSlots;
+  __shared__ float group_partials[kSlots + kSlots / kWarpSize];
+  const auto padded_slot = [](int e) { return e + e / kWarpSize; };
 
   const int lane = threadIdx.x % kThreadsPerRow;
   const int group = threadIdx.x / kThreadsPerRow;
@@ -261,7 +268,6 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 
   // Block partials: the row groups' sums added in group order, one fp32 row per block.
-  constexpr int kGroupSlots = kThreadsPerRow * kElemsPerThread;
   for (int which = 0; which < 2; ++which) {
     float* partial = which == 0 ? partial_weight : partial_bias;
 #pragma unroll
@@ -269,13 +275,16 @@ __global__ void __launch_bounds__(kBlockThreads)
 #pragma unroll
       for (int j = 0; j < L::kVec; ++j) {
         const int channel = L::vector_index(i, lane) * L::kVec + j;
-        group_partials[group * kGroupSlots + channel] = which == 0 ? dweight[i][j] : dbias[i][j];
+        group_partials[padded_slot(group * kGroupSlots + channel)] =
+            which == 0 ? dweight[i][j] : dbias[i][j];
       }
     }
     __syncthreads();
     for (int c = threadIdx.x; c < channels; c += kBlockThreads) {
       float total = 0.f;
-      for (int g = 0; g < L::kRowsPerBlock; ++g) total += group_partials[g * kGroupSlots + c];
+      for (int g = 0; g < L::kRowsPerBlock; ++g) {
+        total += group_partials[padded_slot(g * kGroupSlots + c)];
+      }
       partial[static_cast<int64_t>(blockIdx.x) * channels + c] = total;
     }
     __syncthreads();  // group_partials is rewritten for dbias

@@ -364,6 +364,64 @@ __device__ inline void load_phi_and_denominator(const TokenArgs<scalar_t, acc_t>
   __syncthreads();
 }
 
+// Token t and row d of item idx (< TOK * dk) of accumulate_matrix_rows. Items go by 32-row
+// bands of d, all tokens of a band before the next: a warp's lanes take distinct rows d, or the
+// same row for several tokens (a broadcast), never rows 32 apart (a bank conflict), whatever dk.
+struct MatrixItem {
+  int t, d;
+};
+template <int TOK>
+__device__ inline MatrixItem matrix_item(int idx, int dk) {
+  const int full = dk / kWarpSize * kWarpSize;  // rows in whole bands
+  if (idx < TOK * full) {
+    const int band = idx / (TOK * kWarpSize), rest = idx % (TOK * kWarpSize);
+    return {rest / kWarpSize, band * kWarpSize + rest % kWarpSize};
+  }
+  const int rest = idx - TOK * full, width = dk - full;
+  return {rest / width, full + rest % width};
+}
+
+// s_acc[idx] += sum_j matrix[d][j] * s_rows[t * dv + j] for every item idx < TOK * dk,
+// (t, d) = matrix_item(idx), of a per-token kernel; matrix: dk x dv, row-major, acc_t. Lanes of a
+// warp take different rows d, so reading `matrix` directly would stride by dv between lanes (one
+// sector per lane). Instead it goes through shared memory one chunk of kChunkCols columns (one
+// 32-byte sector of each row) at a time: a warp loads 32 / kChunkCols rows of a chunk as whole
+// sectors. In s_chunk (dk x kChunkCols) column c of row r is stored at
+// c ^ ((r / rows_per_warp) % kChunkCols): the rows a warp stores fall in distinct banks, and so
+// do 32 consecutive rows read at one column. The sums stay in shared memory (s_acc, TOK * dk;
+// item idx is always thread idx % kGenericThreads's), not in per-item registers: that would
+// take 16 accumulators per thread and 128 registers. Every thread of the block must call it.
+template <typename acc_t>
+constexpr int matrix_chunk_cols() {
+  return 32 / static_cast<int>(sizeof(acc_t));
+}
+
+template <typename acc_t, int TOK>
+__device__ inline void accumulate_matrix_rows(const acc_t* matrix, const acc_t* s_rows,
+                                              acc_t* s_chunk, acc_t* s_acc, int dk, int dv) {
+  constexpr int kChunkCols = matrix_chunk_cols<acc_t>();
+  constexpr int kRowsPerWarp = kWarpSize / kChunkCols;
+  for (int j0 = 0; j0 < dv; j0 += kChunkCols) {
+    const int width = dv - j0 < kChunkCols ? dv - j0 : kChunkCols;
+    for (int idx = threadIdx.x; idx < dk * kChunkCols; idx += kGenericThreads) {
+      const int r = idx / kChunkCols, c = idx % kChunkCols;
+      s_chunk[r * kChunkCols + (c ^ ((r / kRowsPerWarp) % kChunkCols))] =
+          c < width ? matrix[int64_t(r) * dv + j0 + c] : acc_t(0);
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) {
+      const MatrixItem item = matrix_item<TOK>(idx, dk);
+      const acc_t* row = s_chunk + item.d * kChunkCols;
+      const acc_t* y = s_rows + item.t * dv + j0;
+      const int swizzle = (item.d / kRowsPerWarp) % kChunkCols;
+      acc_t sum = 0;
+      for (int c = 0; c < width; ++c) sum += row[c ^ swizzle] * y[c];
+      s_acc[idx] += sum;
+    }
+    __syncthreads();  // the chunk's readers are done before the next chunk is stored
+  }
+}
+
 // Pass 2: o_t = phi(q_t)^T S / (phi(q_t) . z + eps). grid.x = (batch*heads) * ceil(N / TOK).
 template <typename scalar_t, typename acc_t, FeatureMap F>
 __global__ void __launch_bounds__(kGenericThreads) linear_attention_apply_generic_kernel(
@@ -398,6 +456,7 @@ __global__ void __launch_bounds__(kGenericThreads) linear_attention_apply_backwa
   __shared__ acc_t s_do[TOK * kGenericMaxDim];  // TOK x dv
   __shared__ acc_t s_inv_den[TOK];
   __shared__ acc_t s_g[TOK];
+  __shared__ acc_t s_chunk[kGenericMaxDim * matrix_chunk_cols<acc_t>()];
   const TokenTile tile = token_tile<TOK>(args.tokens, args.heads);
   const int dk = args.dk, dv = args.dv;
   for (int idx = threadIdx.x; idx < TOK * dv; idx += blockDim.x) {
@@ -420,25 +479,28 @@ __global__ void __launch_bounds__(kGenericThreads) linear_attention_apply_backwa
       g += num * s_do[t * dv + j];
     }
     g = warp_sum(g) * s_inv_den[t];
-    if (lane == 0) {
-      s_g[t] = g;
-      const int64_t n = tile.n0 + t;
-      if (n < args.tokens) {
-        acc_t* row = args.row_scratch + (tile.bh * args.tokens + n) * 2;
-        row[0] = s_inv_den[t];
-        row[1] = -g;
-      }
-    }
+    if (lane == 0) s_g[t] = g;
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < TOK * dk; idx += blockDim.x) {
-    const int t = idx / dk, d = idx % dk;
+  // The tile's (1/den_t, -g_t) pairs are contiguous in row_scratch: one coalesced store.
+  if (threadIdx.x < 2 * TOK) {
+    const int t = threadIdx.x / 2;
+    if (tile.n0 + t < args.tokens) {
+      args.row_scratch[(tile.bh * args.tokens + tile.n0) * 2 + threadIdx.x] =
+          threadIdx.x % 2 == 0 ? s_inv_den[t] : -s_g[t];
+    }
+  }
+  // (S do_t)[d] accumulates in s_fq: phi(q) is no longer needed.
+  acc_t* s_sdo = s_fq;
+  for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) s_sdo[idx] = 0;
+  accumulate_matrix_rows<acc_t, TOK>(S, s_do, s_chunk, s_sdo, dk, dv);
+  for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) {
+    const MatrixItem item = matrix_item<TOK>(idx, dk);
+    const int t = item.t, d = item.d;
     const int64_t n = tile.n0 + t;
     if (n >= args.tokens) continue;
-    acc_t sdo = 0;
-    for (int j = 0; j < dv; ++j) sdo += S[int64_t(d) * dv + j] * s_do[t * dv + j];
     const acc_t xq = static_cast<acc_t>(args.x[args.x_layout.offset(tile.b, n, tile.h) + d]);
-    const acc_t dfq = (sdo - s_g[t] * z[d]) * s_inv_den[t];
+    const acc_t dfq = (s_sdo[idx] - s_g[t] * z[d]) * s_inv_den[t];
     args.out_x[args.out_x_layout.offset(tile.b, n, tile.h) + d] =
         static_cast<scalar_t>(dfq * feature_map_grad<F, acc_t>(xq));
   }
@@ -452,6 +514,7 @@ __global__ void __launch_bounds__(kGenericThreads) linear_attention_state_backwa
   constexpr int TOK = generic_tokens<acc_t>();
   __shared__ acc_t s_fk[TOK * kGenericMaxDim];  // TOK x dk, phi(k_t) * keep_t / n
   __shared__ acc_t s_v[TOK * kGenericMaxDim];   // TOK x dv, v_t * keep_t / n
+  __shared__ acc_t s_chunk[kGenericMaxDim * matrix_chunk_cols<acc_t>()];
   const TokenTile tile = token_tile<TOK>(args.tokens, args.heads);
   const int dk = args.dk, dv = args.dv;
   const acc_t inv_n = inverse_kept<acc_t>(args.kept, tile.b, args.tokens);
@@ -477,19 +540,6 @@ __global__ void __launch_bounds__(kGenericThreads) linear_attention_state_backwa
   __syncthreads();
   const acc_t* dS = args.matrix + tile.bh * dk * dv;
   const acc_t* dz = args.vec + tile.bh * dk;
-  for (int idx = threadIdx.x; idx < TOK * dk; idx += blockDim.x) {
-    const int t = idx / dk, d = idx % dk;
-    const int64_t n = tile.n0 + t;
-    if (n >= args.tokens) continue;
-    acc_t grad = 0;
-    if (args.mask.keep(tile.b, n)) {
-      acc_t dfk = dz[d] * inv_n;
-      for (int j = 0; j < dv; ++j) dfk += dS[int64_t(d) * dv + j] * s_v[t * dv + j];
-      const acc_t xk = static_cast<acc_t>(args.x[args.x_layout.offset(tile.b, n, tile.h) + d]);
-      grad = dfk * feature_map_grad<F, acc_t>(xk);
-    }
-    args.out_x[args.out_x_layout.offset(tile.b, n, tile.h) + d] = static_cast<scalar_t>(grad);
-  }
   for (int idx = threadIdx.x; idx < TOK * dv; idx += blockDim.x) {
     const int t = idx / dv, j = idx % dv;
     const int64_t n = tile.n0 + t;
@@ -497,6 +547,24 @@ __global__ void __launch_bounds__(kGenericThreads) linear_attention_state_backwa
     acc_t grad = 0;
     for (int d = 0; d < dk; ++d) grad += s_fk[t * dk + d] * dS[int64_t(d) * dv + j];
     args.out_y[args.out_y_layout.offset(tile.b, n, tile.h) + j] = static_cast<scalar_t>(grad);
+  }
+  __syncthreads();  // s_fk's readers are done: (dS v_t + dz)[d] / n accumulates there
+  acc_t* s_dfk = s_fk;
+  for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) {
+    s_dfk[idx] = dz[matrix_item<TOK>(idx, dk).d] * inv_n;
+  }
+  accumulate_matrix_rows<acc_t, TOK>(dS, s_v, s_chunk, s_dfk, dk, dv);
+  for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) {
+    const MatrixItem item = matrix_item<TOK>(idx, dk);
+    const int t = item.t, d = item.d;
+    const int64_t n = tile.n0 + t;
+    if (n >= args.tokens) continue;
+    acc_t grad = 0;
+    if (args.mask.keep(tile.b, n)) {
+      const acc_t xk = static_cast<acc_t>(args.x[args.x_layout.offset(tile.b, n, tile.h) + d]);
+      grad = s_dfk[idx] * feature_map_grad<F, acc_t>(xk);
+    }
+    args.out_x[args.out_x_layout.offset(tile.b, n, tile.h) + d] = static_cast<scalar_t>(grad);
   }
 }
 
@@ -774,7 +842,10 @@ struct TcTokenShape {
   static constexpr int kCols = COLS;           // DP, or DP + 16 with the key mean at column DP
   static constexpr int kLdS = kCols + 8;       // +16 bytes per row: conflict-free loads
   static constexpr int kLdT = DP + 8;
-  static constexpr int kLdP = kCols + 4;       // fp32 products
+  // fp32 products, written by WMMA accumulator stores: each 16-lane phase stores 4 rows x 8
+  // words, in distinct banks when the row stride is 8 or 24 words mod 32 (kCols is a multiple
+  // of 16), instead of 2-way conflicts with kCols + 4.
+  static constexpr int kLdP = kCols + 8;
   static constexpr size_t kHalfBytes = size_t(DP) * kLdS * 2;    // hi or lo
   static constexpr size_t kTileBytes = size_t(kTokens) * kLdT * 2;
   static constexpr size_t kProductBytes = size_t(kTokens) * kLdP * 4;
@@ -876,7 +947,7 @@ constexpr int kTcBackwardWarps = 8;
 template <int DP>
 struct TcApplyBackwardShape : TcTokenShape<DP, DP + 16> {
   using Base = TcTokenShape<DP, DP + 16>;
-  static constexpr int kLdR = DP + 4;  // fp32 dO S^T
+  static constexpr int kLdR = DP + 8;  // fp32 dO S^T, padded as kLdP
   static constexpr size_t kRBytes = size_t(Base::kTokens) * kLdR * 4;
   static constexpr size_t kSmemBytes = 2 * Base::kHalfBytes + 2 * Base::kTileBytes +
                                        Base::kProductBytes + kRBytes +

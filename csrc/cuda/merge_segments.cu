@@ -229,25 +229,35 @@ __global__ void __launch_bounds__(kCopyThreads)
   }
 }
 
-// slot_sums[t][c] = sum over prompts b in order of grad_merged[b][t][c] where t >= lengths[b]
-// (the pad slots), in acc_t; out_t is the pad gradient's dtype for a (T, C) pad, or acc_t
-// partials that column_sum_kernel reduces for a (C,) pad.
+// Pad gradient: row r of `sums` (R x C, R = ceil(T / slots_per_row)) is the sum of
+// grad_merged[b][t][c] over the prompts b in order and, within each, over the pad slots
+// t >= lengths[b] of [r * slots_per_row, (r + 1) * slots_per_row), in acc_t. For a (T, C) pad,
+// slots_per_row = 1 and out_t is the pad's dtype: the rows are the gradient. For a (C,) pad the
+// acc_t rows are partials that column_sum_kernel reduces; a row of several slots keeps them
+// (read and written once each, in fp32) a small fraction of grad_merged's traffic.
 template <typename scalar_t, typename out_t>
 __global__ void __launch_bounds__(kCopyThreads)
     merge_segments_pad_grad_kernel(const scalar_t* __restrict__ grad_merged,  // B x T x C
                                    const int64_t* __restrict__ lengths,       // B
                                    int64_t prompts, int64_t max_tokens, int64_t channels,
-                                   out_t* __restrict__ slot_sums) {  // T x C
+                                   int64_t slots_per_row,
+                                   out_t* __restrict__ sums) {  // R x C
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t slot_elems = max_tokens * channels;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < slot_elems;
+  const int64_t rows = (max_tokens + slots_per_row - 1) / slots_per_row;
+  const int64_t elems = rows * channels;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < elems;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = i / channels;
+    const int64_t row = i / channels, c = i % channels;
+    const int64_t first = row * slots_per_row;
+    const int64_t last = first + slots_per_row < max_tokens ? first + slots_per_row : max_tokens;
     acc_t sum = 0;
     for (int64_t b = 0; b < prompts; ++b) {
-      if (t >= lengths[b]) sum += static_cast<acc_t>(grad_merged[b * slot_elems + i]);
+      const int64_t length = lengths[b];
+      for (int64_t t = length > first ? length : first; t < last; ++t) {
+        sum += static_cast<acc_t>(grad_merged[(b * max_tokens + t) * channels + c]);
+      }
     }
-    slot_sums[i] = static_cast<out_t>(sum);
+    sums[i] = static_cast<out_t>(sum);
   }
 }
 
@@ -383,7 +393,12 @@ std::tuple<at::Tensor, at::Tensor> merge_segments_backward_cuda(const at::Tensor
   const int64_t slot_elems = dims.tokens * dims.channels;
   // No slots (T = 0): a (C,) pad still gets its (empty) sum, zeros, as on CPU.
   if (slot_elems == 0) return {grad_embeds, grad_pad.zero_()};
-  const int64_t pad_blocks = copy_blocks((slot_elems + kWarpSize - 1) / kWarpSize);
+  // A (C,) pad sums 32 slots per fp32 partial row: the partials' write and re-read (T x C fp32
+  // with one slot per row, as much traffic as the op's minimum at fp16) shrink 32-fold.
+  constexpr int64_t kPadSlotsPerRow = 32;
+  const int64_t slots_per_row = pad_per_slot ? 1 : kPadSlotsPerRow;
+  const int64_t sum_rows = (dims.tokens + slots_per_row - 1) / slots_per_row;
+  const int64_t pad_blocks = copy_blocks((sum_rows * dims.channels + kWarpSize - 1) / kWarpSize);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_merged.scalar_type(),
                                   "merge_segments_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -391,18 +406,20 @@ std::tuple<at::Tensor, at::Tensor> merge_segments_backward_cuda(const at::Tensor
       launch_kernel(merge_segments_pad_grad_kernel<scalar_t, scalar_t>,
                     static_cast<unsigned>(pad_blocks), kCopyThreads, 0, stream,
               grad_c.const_data_ptr<scalar_t>(), plan.lengths.const_data_ptr<int64_t>(),
-              dims.prompts, dims.tokens, dims.channels, grad_pad.mutable_data_ptr<scalar_t>());
+              dims.prompts, dims.tokens, dims.channels, slots_per_row,
+              grad_pad.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      at::Tensor slot_sums =
-          at::empty({dims.tokens, dims.channels},
+      at::Tensor row_sums =
+          at::empty({sum_rows, dims.channels},
                     grad_merged.options().dtype(accumulate_dtype(grad_merged.scalar_type())));
       launch_kernel(merge_segments_pad_grad_kernel<scalar_t, acc_t>,
                     static_cast<unsigned>(pad_blocks), kCopyThreads, 0, stream,
               grad_c.const_data_ptr<scalar_t>(), plan.lengths.const_data_ptr<int64_t>(),
-              dims.prompts, dims.tokens, dims.channels, slot_sums.mutable_data_ptr<acc_t>());
+              dims.prompts, dims.tokens, dims.channels, slots_per_row,
+              row_sums.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      cuda_rowwise::launch_column_sum(slot_sums.const_data_ptr<acc_t>(), dims.tokens,
+      cuda_rowwise::launch_column_sum(row_sums.const_data_ptr<acc_t>(), sum_rows,
                                       dims.channels, grad_pad.mutable_data_ptr<scalar_t>());
     }
   });
