@@ -15,6 +15,9 @@ Rules, and how the corner cases count:
   submodule that names nothing of its package's `__init__` cannot deadlock on it).
   `importlib.import_module(...)` calls (the lazy `__getattr__` of the packages, the loading of
   the compiled modules) are not import statements and are not counted.
+* Imports resolve (`unresolved_imports`): every module of the package that the package, tests,
+  scripts or benchmarks import exists; the old module paths kept as deprecated aliases are not
+  modules, so the repository's own code cannot use them.
 * Private names (`private_name_uses`). `from m import _x` and `m._x`, where `m` is a module of
   the package bound by an import and `_x` is not a dunder, are errors unless `m` is the module
   itself. Importing a private *module* (`from . import _deprecated`, `from ._library import
@@ -228,6 +231,27 @@ def import_cycles(modules: Dict[str, Module]) -> List[str]:
         steps = [f"{a} ({modules[a].path.name}:{edges[a][b]})" for a, b in zip(path, path[1:])]
         cycles.append(" -> ".join(steps + [start]))
     return cycles
+
+
+def unresolved_imports(root: Path, package: str = PACKAGE, under: Sequence[str] = ()) -> List[str]:
+    """`file:line: module` for every import of a module of the package that does not exist
+    (`import package.x`, `from package.x import y`, relative imports inside the package), in the
+    package and in the Python files below root/<each of under>. The old module paths kept as
+    deprecated aliases count as missing: the repository's own code uses the new ones."""
+    modules = load_package(root, package)
+    found = []
+    for entry in (package, *under):
+        for path in sorted((root / entry).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            is_package = parts[-1] == "__init__"
+            name = ".".join(parts[:-1] if is_package else parts)
+            module = modules.get(name)
+            if module is None or module.path != path:
+                module = Module(name, path, is_package, ast.parse(path.read_text(), filename=str(path)))
+                _collect_imports(module, package, set(modules))
+            relative = path.relative_to(root).as_posix()
+            found += [f"{relative}:{imp.line}: {imp.target}" for imp in module.imports if imp.target not in modules]
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,6 +486,11 @@ def test_no_import_cycles():
     assert not cycles, "import cycles:\n" + _report(cycles)
 
 
+def test_package_imports_resolve():
+    found = unresolved_imports(REPO, under=("tests", "scripts", "benchmarks"))
+    assert not found, "imports of package modules that do not exist (or old module paths):\n" + _report(found)
+
+
 def test_no_private_names_across_modules():
     uses = private_name_uses(load_package(REPO))
     assert not uses, "private names used across modules:\n" + _report(uses)
@@ -531,6 +560,21 @@ def test_cycle_check_counts_from_package_import_module(tmp_path):
     # `from . import b` inside pkg.a names the module pkg.b, which imports a name of pkg.a.
     root = _write(tmp_path, {"pkg/__init__.py": "", "pkg/a.py": "from . import b\nX = 1\n", "pkg/b.py": "from .a import X\n"})
     assert import_cycles(load_package(root, "pkg")) == ["pkg.a (a.py:1) -> pkg.b (b.py:1) -> pkg.a"]
+
+
+def test_unresolved_import_check(tmp_path):
+    root = _write(tmp_path, {
+        "pkg/__init__.py": "from . import a\n",
+        "pkg/a.py": "from .gone import x\nfrom . import b\n\ndef f():\n    import pkg.sub.old\n",
+        "pkg/b.py": "",
+        "pkg/sub/__init__.py": "",
+        "suite/test_x.py": "import pkg.a\nfrom pkg.sub import anything\nfrom pkg.moved import y\nfrom .helpers import z\n",
+    })
+    assert unresolved_imports(root, "pkg", under=("suite",)) == [
+        "pkg/a.py:1: pkg.gone",
+        "pkg/a.py:5: pkg.sub.old",
+        "suite/test_x.py:3: pkg.moved",
+    ]
 
 
 def test_private_name_check(tmp_path):
