@@ -25,7 +25,7 @@ Rules, and how the corner cases count:
   the underscore says the module is not public API, and the package's own modules may use its
   public names. A private name of a private module is as private as any other.
 * The op layer (`heavy_imports`): ops, reference, _library and emulated (and the torch-only
-  helpers _deprecated, _lazy, distributed_utils) import none of diffusers, transformers,
+  helpers _deprecated, optional, distributed_utils) import none of diffusers, transformers,
   accelerate, peft: anywhere in their own files, or at module level in any package module that
   importing them runs (their module-level package imports, followed transitively, and the
   parent packages' `__init__`).
@@ -55,7 +55,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "linfusion_ops"
 # The op layer, and the torch-only helpers the package and its features share.
-OP_LAYER = ("ops", "reference", "_library", "emulated", "_deprecated", "_lazy", "distributed_utils")
+OP_LAYER = ("ops", "reference", "_library", "emulated", "_deprecated", "optional", "distributed_utils")
 HEAVY = ("diffusers", "transformers", "accelerate", "peft")
 CITED_ROOTS = ("docs", "benchmarks", "tests", "scripts", "csrc", "linfusion_ops")
 # Where cited paths are looked for: code, tests, scripts, benchmarks, csrc, the build files and
