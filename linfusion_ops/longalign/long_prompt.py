@@ -17,7 +17,7 @@ import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from ..ops import merge_segments
-from .longsd import T5TextPath, _config_value
+from .longsd import T5TextPath, config_value
 
 __all__ = ["LongPromptEncoder"]
 
@@ -72,12 +72,14 @@ def _pack(pieces: List[List[List[int]]], content: int) -> List[List[List[int]]]:
     return chunks
 
 
-def _as_prompt_list(value: Union[str, Sequence[str]], name: str) -> List[str]:
+def as_prompt_list(value: Union[str, Sequence[str]], name: str, caller: str = "LongPromptEncoder") -> List[str]:
+    """``value`` (a str, or a list or tuple of str) as a list of prompts; TypeError naming
+    ``caller`` and the argument ``name`` otherwise."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)
-    raise TypeError(f"LongPromptEncoder: {name} must be a str or a list of str, got {type(value).__name__}")
+    raise TypeError(f"{caller}: {name} must be a str or a list of str, got {type(value).__name__}")
 
 
 class LongPromptEncoder:
@@ -175,7 +177,7 @@ class LongPromptEncoder:
                     "released LongSD is SD 1.5); SD XL's conditioning (two CLIP encoders and a pooled "
                     "embedding) has no T5 counterpart"
                 )
-            channels = _config_value(text_encoder, "hidden_size")
+            channels = config_value(text_encoder, "hidden_size")
             self.t5 = T5TextPath(t5_tokenizer, t5_encoder, t5_adapter, t5_max_tokens, channels)
 
     @classmethod
@@ -200,7 +202,7 @@ class LongPromptEncoder:
             getattr(pipe, "text_encoder_2", None),
             **kwargs,
         )
-        cross_attention_dim = _config_value(getattr(pipe, "unet", None), "cross_attention_dim")
+        cross_attention_dim = config_value(getattr(pipe, "unet", None), "cross_attention_dim")
         if encoder.t5 is not None and cross_attention_dim not in (None, encoder.t5.out_dim):
             raise ValueError(
                 f"LongPromptEncoder.from_pipeline: t5_adapter outputs out_dim = {encoder.t5.out_dim} channels, "
@@ -221,7 +223,7 @@ class LongPromptEncoder:
         length = lengths.pop()
         for name, tok, encoder in zip(names, self.tokenizers, self.text_encoders):
             # A tokenizer loaded without its config reports a huge sentinel as its max length.
-            positions = getattr(getattr(encoder, "config", None), "max_position_embeddings", None)
+            positions = config_value(encoder, "max_position_embeddings")
             if length < 3 or (positions is not None and length > positions):
                 raise ValueError(
                     f"LongPromptEncoder: {name}.model_max_length must be the text encoder's context length "
@@ -339,7 +341,7 @@ class LongPromptEncoder:
             for SD XL also ``"pooled_prompt_embeds"`` and ``"negative_pooled_prompt_embeds"``,
             (B, P). Pass them to the pipeline as ``pipe(**encoder(prompt), ...)``.
         """
-        prompts = _as_prompt_list(prompt, "prompt")
+        prompts = as_prompt_list(prompt, "prompt")
         if not prompts:
             raise ValueError("LongPromptEncoder: prompt is an empty list")
         zero_negative = negative_prompt is None and self.force_zeros_for_empty_prompt
@@ -348,7 +350,7 @@ class LongPromptEncoder:
         elif isinstance(negative_prompt, str):
             negatives = [negative_prompt] * len(prompts)
         else:
-            negatives = _as_prompt_list(negative_prompt, "negative_prompt")
+            negatives = as_prompt_list(negative_prompt, "negative_prompt")
             if len(negatives) != len(prompts):
                 raise ValueError(
                     f"LongPromptEncoder: negative_prompt has {len(negatives)} entries, prompt has {len(prompts)}"

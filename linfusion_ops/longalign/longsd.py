@@ -91,7 +91,10 @@ class LongSDAdapter(ModelMixin, ConfigMixin):
         return adapter.eval()
 
 
-def _config_value(module, *names):
+def config_value(module, *names):
+    """The first of ``module.config.<name>`` for ``names`` that is set (not None), or None when
+    none is or ``module`` has no config (diffusers and transformers models both keep theirs
+    there)."""
     config = getattr(module, "config", None)
     for name in names:
         value = getattr(config, name, None)
@@ -120,13 +123,13 @@ class T5TextPath:
             raise ValueError(f"LongPromptEncoder: t5_max_tokens must be a positive int, got {max_tokens!r}")
         if getattr(tokenizer, "pad_token_id", None) is None:
             raise ValueError("LongPromptEncoder: t5_tokenizer has no pad_token_id")
-        in_dim, out_dim = _config_value(adapter, "in_dim"), _config_value(adapter, "out_dim")
+        in_dim, out_dim = config_value(adapter, "in_dim"), config_value(adapter, "out_dim")
         if in_dim is None or out_dim is None:
             raise TypeError(
                 f"LongPromptEncoder: t5_adapter must be a LongSDAdapter (config.in_dim / config.out_dim), "
                 f"got {type(adapter).__name__}"
             )
-        d_model = _config_value(encoder, "d_model", "hidden_size")
+        d_model = config_value(encoder, "d_model", "hidden_size")
         if d_model is not None and d_model != in_dim:
             raise ValueError(
                 f"LongPromptEncoder: t5_adapter takes in_dim = {in_dim} channels but t5_encoder outputs "

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from ..linfusion.distributed import _resolve_group
-from .long_prompt import _as_prompt_list, split_sentences
+from ..distributed_utils import resolve_group
+from .long_prompt import as_prompt_list, split_sentences
 from .lora import (
     LONGALIGN_LORA_BLOCKS,
     add_longalign_lora,
@@ -144,7 +144,7 @@ def common_direction(text_embeds: torch.Tensor, group=None) -> torch.Tensor:
         acc = torch.float64 if text_embeds.dtype == torch.float64 else torch.float32
         total = torch.cat([text_embeds.to(acc).sum(0), text_embeds.new_tensor([text_embeds.shape[0]], dtype=acc)])
         if group is not None:
-            torch.distributed.all_reduce(total, group=_resolve_group(group, total.device))
+            torch.distributed.all_reduce(total, group=resolve_group(group, total.device, "common_direction"))
         if total[-1].item() == 0:
             raise ValueError("common_direction: no text embeddings (B = 0 on every rank)")
         return F.normalize(total[:-1] / total[-1], dim=0).to(text_embeds.dtype)
@@ -190,7 +190,7 @@ def sentence_mean_text_embeds(
     Returns:
         (B, D) in the model's dtype, on its device. Runs with whatever grad mode is active.
     """
-    prompts = _as_prompt_list(prompts, "prompts")
+    prompts = as_prompt_list(prompts, "prompts", "sentence_mean_text_embeds")
     if not prompts:
         raise ValueError("sentence_mean_text_embeds: prompts is an empty list")
     sentences = [prompt_sentences(p) for p in prompts]

@@ -97,6 +97,8 @@ def test_score_rejects_bad_shapes():
         decomposed_score(f[0], t, e)
     with pytest.raises(ValueError, match="no text embeddings"):
         common_direction(t[:0])
+    with pytest.raises(TypeError, match="sentence_mean_text_embeds: prompts must be a str or a list of str, got int"):
+        sentence_mean_text_embeds(3, tokenizer=None, text_model=None)
 
 
 def test_common_direction_is_normalised_mean():
@@ -127,6 +129,9 @@ def _direction_worker(rank, world, store, out_dir):
         e = common_direction(local, group=dist.group.WORLD)
         expected = F.normalize(t.mean(0), dim=0)
         torch.testing.assert_close(e, expected, rtol=0, atol=1e-14)
+        # Checked before the all-reduce, so every rank raises and none waits.
+        with pytest.raises(ValueError, match=r"common_direction: group: its backend \(.*gloo.*\) cannot reduce meta"):
+            common_direction(local.to("meta"), group=dist.group.WORLD)
         failure = None
     except Exception:
         failure = traceback.format_exc()
