@@ -44,7 +44,7 @@ offload bit for bit.
 import functools
 import inspect
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Union
 
 import torch

@@ -47,7 +47,7 @@ from torch import nn
 from diffusers.models.attention_processor import Attention
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
-from diffusers.models.resnet import Downsample2D, Upsample2D
+from diffusers.models.resnet import Upsample2D
 
 DEFAULT_TILE_SIZE = 512  # image pixels per tile side, before halos
 

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from .. import reference
+from ..distributed_utils import resolve_group
 from ..ops import check_feature_map, check_heads, linear_attention_apply, linear_attention_state
 from .processor import LINFUSION_EPS, FusedCore, linfusion_attention
 
@@ -56,37 +57,10 @@ __all__ = ["linear_attention", "token_slice", "SequenceParallelCore", "SequenceP
 # [1, 64], each all-reduced as (d, d^2). All ranks agree iff world * sum(d^2) == sum(d)^2 for
 # every digit (Cauchy-Schwarz equality). d^2 <= 4096, so the fp32 sums stay exact integers for
 # up to 4096 ranks (2^24 / 4096); above that the check is skipped rather than risk a false alarm.
+_CALLER = "linfusion_ops.linfusion.distributed"  # the prefix of its error messages
 _FINGERPRINT_DIGITS = 4
 _FINGERPRINT_BASE = 64
 _FINGERPRINT_MAX_WORLD = 4096
-
-
-def _resolve_group(group, device: torch.device):
-    """The process group to reduce over, after checking that it can reduce tensors on device."""
-    if not dist.is_available():
-        raise RuntimeError("linfusion_ops.linfusion.distributed: this PyTorch build has no torch.distributed")
-    if not dist.is_initialized():
-        raise RuntimeError(
-            "linfusion_ops.linfusion.distributed: the default process group is not initialized; call "
-            "torch.distributed.init_process_group(...) on every rank first"
-        )
-    if group is None:
-        group = dist.group.WORLD
-    if dist.get_rank(group) < 0:
-        raise ValueError(
-            f"linfusion_ops.linfusion.distributed: group: this process (global rank {dist.get_rank()}) is "
-            "not a member of the given process group"
-        )
-    # get_backend_config gives "device:backend" pairs, e.g. "cpu:gloo,cuda:nccl" or "cuda:nccl".
-    config = dist.get_backend_config(group)
-    backends = dict(pair.split(":", 1) for pair in config.split(",") if ":" in pair)
-    if backends and device.type not in backends:
-        raise ValueError(
-            f"linfusion_ops.linfusion.distributed: group: its backend ({config}) cannot reduce "
-            f"{device.type} tensors; use gloo for CPU tensors, NCCL for CUDA tensors, or a group "
-            "created with backend='cpu:gloo,cuda:nccl'"
-        )
-    return group
 
 
 def _check_local_inputs(q, k, v, heads, key_padding_mask) -> None:
@@ -220,7 +194,7 @@ def linear_attention(
     check_feature_map(feature_map)
     _check_local_inputs(q, k, v, heads, key_padding_mask)
     core = SequenceParallelCore(
-        _resolve_group(group, q.device), feature_map=feature_map, eps=eps, check_ranks=check_ranks
+        resolve_group(group, q.device, _CALLER), feature_map=feature_map, eps=eps, check_ranks=check_ranks
     )
     state, key_mean = core.state(k, v, heads, key_padding_mask)
     state, key_mean = core.combine(state, key_mean, key_padding_mask, k.shape[1])
@@ -256,7 +230,7 @@ class SequenceParallelCore(FusedCore):
         return state_fn(key, value, heads, feature_map=self.feature_map, key_padding_mask=key_padding_mask)
 
     def combine(self, state, key_mean, key_padding_mask, num_keys):
-        group = _resolve_group(self.group, state.device)
+        group = resolve_group(self.group, state.device, _CALLER)
         acc = state.dtype
         b, h, dk, dv = state.shape
         if key_padding_mask is None:

@@ -6,7 +6,6 @@ Offline, on tiny random UNets and images written here."""
 
 import copy
 import datetime
-import functools
 import json
 import os
 import traceback

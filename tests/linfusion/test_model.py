@@ -355,7 +355,7 @@ def test_processor_cross_attention_and_key_padding_mask():
 def test_processor_uses_fused_layer_norm_leaky_relu(monkeypatch):
     """The MLP middle goes through linfusion_ops.layer_norm_leaky_relu, with the LayerNorm's eps
     and the LeakyReLU's slope."""
-    from linfusion_ops import kernel_mlp as module
+    from linfusion_ops.linfusion import kernel_mlp as module
 
     calls = []
     real = module.layer_norm_leaky_relu
