@@ -15,7 +15,7 @@ pytest.importorskip("accelerate")
 
 from tests.helpers.tiny_models import tiny_clip_model, tiny_sd_pipeline  # noqa: E402
 
-from linfusion_ops.longalign import finetune  # noqa: E402
+from linfusion_ops.longalign import finetune, preference  # noqa: E402
 
 PROMPTS = ["a red cat. a dog sits.", "a house", "big sky. old tree. warm light.", "a boat"]
 
@@ -85,14 +85,14 @@ class Batches:
 
     def __init__(self, monkeypatch):
         self.calls = []
-        original = finetune.RewardSampler.sample
+        original = preference.RewardSampler.sample
 
         def sample(sampler, *args, **kwargs):
             images, steps = original(sampler, *args, **kwargs)
             self.calls.append((images.detach().clone(), steps))
             return images, steps
 
-        monkeypatch.setattr(finetune.RewardSampler, "sample", sample)
+        monkeypatch.setattr(preference.RewardSampler, "sample", sample)
 
 
 # 4 prompts, batch 2: two micro-batches per epoch. With accumulation 1, step 1 is mid-epoch and
