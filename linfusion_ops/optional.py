@@ -18,7 +18,7 @@ import importlib
 import importlib.util
 import sys
 from types import ModuleType
-from typing import Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 # Top-level module of each optional dependency -> the smallest extra that installs it.
 EXTRA_OF_MODULE = {
@@ -71,6 +71,26 @@ def import_module(name: str, package: Optional[str] = None, extra: Optional[str]
     feature = importlib.util.resolve_name(name, package) if name.startswith(".") else name
     with needs(feature, extra):
         return importlib.import_module(name, package)
+
+
+def lazy_getattr(package: str, lazy: Dict[str, str], submodules: Tuple[str, ...] = ()) -> Callable:
+    """The module ``__getattr__`` of a package whose public names load on first use.
+
+    ``lazy`` maps each public name to the relative module that defines it (e.g.
+    ``{"LinFusion": ".model"}``); the value is bound on the package once loaded. ``submodules``
+    are names of submodules returned as modules. Imports go through :func:`import_module`, so a
+    missing optional dependency is a one-line MissingExtraError."""
+
+    def __getattr__(name):
+        if name in lazy:
+            value = getattr(import_module(lazy[name], package), name)
+            vars(sys.modules[package])[name] = value
+            return value
+        if name in submodules:
+            return import_module("." + name, package)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
 
 
 @contextlib.contextmanager

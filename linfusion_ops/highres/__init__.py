@@ -17,7 +17,7 @@ Every name loads its module on first use, so importing the package costs nothing
 import sys
 import types
 
-from ..optional import import_module
+from ..optional import lazy_getattr
 
 _LAZY = {
     "Stage": ".stages",
@@ -44,12 +44,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 class _Package(types.ModuleType):

@@ -16,7 +16,7 @@
 Every name loads its module on first use, so importing the package costs nothing.
 """
 
-from ..optional import import_module
+from ..optional import lazy_getattr
 
 _LAZY = {
     "LinFusion": ".model",
@@ -45,14 +45,7 @@ _LAZY = {
 _SUBMODULES = ("model", "processor", "kernel_mlp", "distributed", "distillation", "distill")
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    if name in _SUBMODULES:
-        return import_module("." + name, __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, _SUBMODULES)
 
 
 __all__ = sorted(_LAZY)
