@@ -6,11 +6,13 @@ need nothing else. The features need the extras of pyproject.toml (docs/building
     diffusers  diffusers, transformers, safetensors: LinFusion, the long-prompt encoder, highres
     train      + accelerate, datasets: the distillation CLI (linfusion-distill)
     longalign  + peft: LongAlign's LoRA and its fine-tuning CLI (longalign-finetune)
-    eval       + scipy: linfusion_ops.evaluation and its CLI (linfusion-eval)
+    eval       + datasets, peft: linfusion_ops.evaluation and its CLI (linfusion-eval)
 
 A feature that meets a missing one raises MissingExtraError, a ModuleNotFoundError whose message
 is one line: what needed which module, and the `pip install 'linfusion_ops[extra]'` that brings
-it. This module imports nothing but the standard library.
+it. Every feature module imports its optional dependencies inside ``with needs(__name__):``, so
+importing it directly (``import linfusion_ops.highres.pipeline``) says the same. This module
+imports nothing but the standard library.
 """
 
 import contextlib
@@ -33,7 +35,6 @@ EXTRA_OF_MODULE = {
     "accelerate": "train",
     "datasets": "train",
     "peft": "longalign",
-    "scipy": "eval",
 }
 
 

@@ -15,8 +15,12 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
+
+from .optional import needs
+
+with needs(__name__, "train"):  # a missing extra is a one-line MissingExtraError
+    import numpy as np
 
 SEED_FILE = "seed.json"
 # Keys that separate the two streams of one micro-batch.

@@ -25,10 +25,14 @@ import hashlib
 import os
 from typing import Optional, Protocol, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..optional import needs
+
+with needs(__name__, "eval"):  # a missing extra is a one-line MissingExtraError
+    import numpy as np
 
 __all__ = ["FeatureExtractor", "FIDInceptionV3", "load_fid_inception", "file_sha256", "clean_resize", "RESIZE_MODES"]
 

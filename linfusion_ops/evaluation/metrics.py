@@ -26,8 +26,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
+
+from ..optional import needs
+
+with needs(__name__, "eval"):  # a missing extra is a one-line MissingExtraError
+    import numpy as np
 
 from .files import write_atomic
 

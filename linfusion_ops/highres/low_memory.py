@@ -51,10 +51,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusers.models.attention import FeedForward
-from diffusers.models.attention_processor import Attention
-from diffusers.models.resnet import ResnetBlock2D
-from diffusers.utils import BaseOutput
+from ..optional import needs
+
+with needs(__name__):  # a missing extra is a one-line MissingExtraError
+    from diffusers.models.attention import FeedForward
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.utils import BaseOutput
 
 from ..linfusion.processor import LinFusionAttnProcessor, TokenChunkedCore, linfusion_attention
 from .memory import free_storage, host_twin, model_peak, parse_bytes

@@ -14,33 +14,36 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-import PIL.Image
-import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import (
-    CLIPImageProcessor,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    CLIPVisionModelWithProjection,
-)
 
-from diffusers import (
-    AutoencoderKL,
-    ControlNetModel,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import BaseOutput, logging
-from diffusers.utils.torch_utils import randn_tensor
+from ..optional import needs
+
+with needs(__name__):  # a missing extra is a one-line MissingExtraError
+    import PIL.Image
+    import numpy as np
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        CLIPVisionModelWithProjection,
+    )
+    from diffusers import (
+        AutoencoderKL,
+        ControlNetModel,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from diffusers.schedulers import KarrasDiffusionSchedulers
+    from diffusers.utils import BaseOutput, logging
+    from diffusers.utils.torch_utils import randn_tensor
 
 from ..linfusion.model import LinFusion, has_linfusion
 from .demofusion import blurred_for_global_pass, channel_stats, demofusion_weights, dilated_convs, match_channel_stats

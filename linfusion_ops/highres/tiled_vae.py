@@ -44,10 +44,13 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from diffusers.models.attention_processor import Attention
-from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
-from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
-from diffusers.models.resnet import Upsample2D
+from ..optional import needs
+
+with needs(__name__):  # a missing extra is a one-line MissingExtraError
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+    from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+    from diffusers.models.resnet import Upsample2D
 
 DEFAULT_TILE_SIZE = 512  # image pixels per tile side, before halos
 

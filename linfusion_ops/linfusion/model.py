@@ -21,10 +21,13 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from diffusers import ConfigMixin, ModelMixin
-from diffusers.configuration_utils import register_to_config
-from diffusers.models.attention_processor import Attention
-from diffusers.utils import logging
+from ..optional import needs
+
+with needs(__name__):  # a missing extra is a one-line MissingExtraError
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+    from diffusers.models.attention_processor import Attention
+    from diffusers.utils import logging
 
 from .kernel_mlp import kernel_mlp
 from .processor import LinFusionAttnProcessor

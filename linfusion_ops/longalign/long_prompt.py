@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from diffusers.utils.torch_utils import get_module_execution_device
+from ..optional import needs
+
+with needs(__name__):  # a missing extra is a one-line MissingExtraError
+    from diffusers.utils.torch_utils import get_module_execution_device
 
 from ..ops import merge_segments
 from .longsd import T5TextPath, config_value

@@ -18,11 +18,14 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from diffusers import ConfigMixin, ModelMixin
-from diffusers.configuration_utils import register_to_config
-from diffusers.models.attention import FeedForward
-from diffusers.models.model_loading_utils import load_state_dict
-from diffusers.utils.torch_utils import get_module_execution_device
+from ..optional import needs
+
+with needs(__name__):  # a missing extra is a one-line MissingExtraError
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+    from diffusers.models.attention import FeedForward
+    from diffusers.models.model_loading_utils import load_state_dict
+    from diffusers.utils.torch_utils import get_module_execution_device
 
 from .lora import longalign_lora_targets
 

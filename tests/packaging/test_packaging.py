@@ -3,8 +3,10 @@
 sitecustomize.py hides them from a subprocess), the library's error naming the extra, and the
 clear message when the compiled module was built against another torch."""
 
+import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,6 +133,70 @@ def test_library_names_the_missing_extra(tmp_path):
     ]
 
 
+def optional_imports(tree):
+    """(line, top-level module, inside `with needs(...)`) of every module-level import of an optional
+    dependency in a parsed source file (TYPE_CHECKING blocks excluded)."""
+    found = []
+
+    def visit(body, guarded):
+        for node in body:
+            if isinstance(node, ast.With):
+                calls = [item.context_expr for item in node.items]
+                visit(node.body, guarded or any(isinstance(c, ast.Call) and getattr(c.func, "id", "") == "needs"
+                                                for c in calls))
+            elif isinstance(node, ast.Try):
+                visit(node.body, guarded)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    continue
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                found.extend([(node.lineno, n.partition(".")[0], guarded) for n in names
+                              if n.partition(".")[0] in optional.EXTRA_OF_MODULE])
+
+    visit(tree.body, False)
+    return found
+
+
+FEATURE_MODULES = sorted(
+    ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    for path in (ROOT / "linfusion_ops").rglob("*.py")
+    if optional_imports(ast.parse(path.read_text())))
+
+
+def test_feature_modules_import_optional_dependencies_under_needs():
+    assert "linfusion_ops.highres.pipeline" in FEATURE_MODULES and len(FEATURE_MODULES) >= 9, FEATURE_MODULES
+    bare = [(name, line, module) for name in FEATURE_MODULES
+            for line, module, guarded in optional_imports(ast.parse((ROOT / (name.replace(".", "/") + ".py")).read_text()))
+            if not guarded]
+    assert not bare, f"module-level imports of optional dependencies outside `with needs(__name__):` {bare}"
+
+
+def test_direct_import_of_a_feature_module_names_the_extra(tmp_path):
+    out = run_python(f"""
+        import importlib
+        import linfusion_ops.optional as optional
+        for name in {FEATURE_MODULES!r}:
+            try:
+                importlib.import_module(name)
+            except optional.MissingExtraError as error:
+                print(name, "|", error)
+            else:
+                print(name, "| imported")
+    """, tmp_path, blocked=OPTIONAL_MODULES)
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(" | ") for line in out.stdout.splitlines())
+    assert sorted(lines) == FEATURE_MODULES
+    pattern = re.compile(r"(linfusion_ops\.[\w.]+) needs (\w+), which is not installed: "
+                         r"pip install 'linfusion_ops\[(\w+)\]'")
+    for name, message in lines.items():
+        match = pattern.fullmatch(message)
+        assert match, (name, message)
+        # the module itself, or a feature module it imports, names a module of that extra
+        assert match.group(1) in FEATURE_MODULES and match.group(2) in optional.EXTRA_OF_MODULE, (name, message)
+    assert lines["linfusion_ops.highres.pipeline"].startswith("linfusion_ops.highres.pipeline needs PIL")
+    assert lines["linfusion_ops.evaluation.metrics"].endswith("[eval]'")
+
+
 def test_other_import_errors_pass_through():
     with pytest.raises(ModuleNotFoundError) as caught:
         with optional.needs("feature"):
@@ -176,7 +242,7 @@ def test_import_under_another_torch_warns_and_falls_back(tmp_path):
     assert out.returncode == 0, out.stderr
     warnings_line, location = out.stdout.splitlines()
     assert Path(location).parent == package
-    assert f"built against torch 1.13.1+cu117 (CUDA 11.7) but torch " in warnings_line
+    assert "built against torch 1.13.1+cu117 (CUDA 11.7) but torch " in warnings_line
     import torch
 
     assert f"torch {torch.__version__}" in warnings_line
