@@ -214,18 +214,18 @@ def grads(fn, q, k, v, grad_out):
     return q.grad, k.grad, v.grad
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d", HEAD_DIMS)
-@pytest.mark.parametrize("masked", [False, True])
-def test_gradients(backend, dtype, d, masked):
+def check_gradients(backend, dtype, dk, dv, masked):
+    """grad q, k, v of (B, H) = (2, 2) heads of Dk / Dv against the fp64 reference, within the
+    tolerance rule."""
     b, heads = 2, 2
     nq, nk = backend.pick((333, 1000), lengths(backend))
-    q, k, v = make_qkv(backend.device, b, nq, nk, heads, d, d, dtype, seed=d)
+    seed = dk if dk == dv else dk + 1000 * dv  # test_gradients keeps its inputs
+    q, k, v = make_qkv(backend.device, b, nq, nk, heads, dk, dv, dtype, seed=seed)
     mask = None
     if masked:
         mask = torch.rand(b, nk, device=backend.device) > 0.4
     g = torch.Generator(device=backend.device).manual_seed(7)
-    grad_out = torch.randn(b, nq, heads * d, generator=g, device=backend.device)
+    grad_out = torch.randn(b, nq, heads * dv, generator=g, device=backend.device)
 
     def ours(q, k, v):
         return backend.linear_attention(q, k, v, heads, key_padding_mask=mask)
@@ -246,6 +246,22 @@ def test_gradients(backend, dtype, d, masked):
         assert x.dtype == dtype
         floor = relative_floor * w.abs().max().item()
         assert_close_lowp(x, lo, w, floor=floor, name=f"grad_{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradients(backend, dtype, d, masked):
+    check_gradients(backend, dtype, d, d, masked)
+
+
+# Dk != Dv always takes the generic kernels, whose backward stages S / dS (Dk x Dv) through shared
+# memory in chunks of 8 fp32 (4 fp64) columns and walks the Dk rows in bands of 32: Dv not a
+# multiple of the chunk and Dk not a multiple of the band, and the transposed case.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dk,dv", [(33, 13), (13, 70)])
+def test_gradients_different_key_and_value_dims(backend, dtype, dk, dv):
+    check_gradients(backend, dtype, dk, dv, masked=True)
 
 
 @pytest.mark.parametrize("feature_map", ["elu", "relu", "identity"])
