@@ -1088,11 +1088,9 @@ __global__ void __launch_bounds__(kTcBackwardWarps* kWarpSize)
   const bool vec_dq = args.vec_x && args.vec_out_x;
   float z_chunk[kTcVector] = {};
   if (vec_dq) {
+    __syncthreads();  // s_z is written
     const TcLaneChunk me = tc_lane_chunk(d / kTcVector);
-#pragma unroll
-    for (int e = 0; e < kTcVector; ++e) {
-      z_chunk[e] = me.active ? key_mean[me.chunk * kTcVector + e] : 0.f;
-    }
+    if (me.active) load_8_floats_tc(z_chunk, s_z + me.chunk * kTcVector, false);
   }
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -1245,11 +1243,9 @@ __global__ void __launch_bounds__(kTcApplyWarps* kWarpSize)
   const bool vec_dk = args.vec_x && args.vec_out_x;
   float dz_chunk[kTcVector] = {};
   if (vec_dk) {
+    __syncthreads();  // s_dz is written
     const TcLaneChunk me = tc_lane_chunk(d / kTcVector);
-#pragma unroll
-    for (int e = 0; e < kTcVector; ++e) {
-      dz_chunk[e] = me.active ? args.vec[bh * d + me.chunk * kTcVector + e] : 0.f;
-    }
+    if (me.active) load_8_floats_tc(dz_chunk, s_dz + me.chunk * kTcVector, false);
   }
 
   const int64_t begin = args.split.begin(s), end = args.split.end(s);
