@@ -675,6 +675,20 @@ __device__ inline void load_8_floats_tc(float (&v)[8], const float* p, bool uppe
   for (int e = 0; e < 8; ++e) v[e] = __uint_as_float(words[e]);
 }
 
+// out = this lane's chunk (tc_lane_chunk(d / 8)) of an fp32 vector in shared memory, for an
+// epilogue that adds it to every row of its chunks: read once, since lanes of several rows read
+// different chunks of it in one phase (bank conflicts). Zeros without vec; with vec
+// (block-uniform) the whole block calls it, and a barrier first publishes s_vec.
+__device__ inline void lane_chunk_of_smem_vector_tc(float (&out)[8], const float* s_vec, int d,
+                                                    bool vec) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) out[e] = 0.f;
+  if (!vec) return;
+  __syncthreads();
+  const TcLaneChunk me = tc_lane_chunk(d / kTcVector);
+  if (me.active) load_8_floats_tc(out, s_vec + me.chunk * kTcVector, false);
+}
+
 // Loads tokens [n0, n0 + ROWS) of head h (d <= DP columns) into smem (ROWS x LD, row-major) as
 // T(transform(x, t)) for row t; tokens >= end are zero, and so are columns >= d: written on every
 // call without vec, and with vec (16-byte accesses: d % 8 == 0, 16-byte aligned rows) only when
@@ -1082,16 +1096,9 @@ __global__ void __launch_bounds__(kTcBackwardWarps* kWarpSize)
   for (int i = 0; i < Shape::kOuterTilesPerWarp; ++i) wmma::fill_fragment(acc[i], 0.f);
   float dz_acc = 0.f;  // partial dz[threadIdx.x], threadIdx.x < DP
 
-  // The key mean's chunk of the lane's dq chunks (for_each_chunk_tc keeps a lane on one chunk),
-  // read once: in the epilogue, lanes of different rows read different chunks of s_z in one
-  // phase (bank conflicts).
   const bool vec_dq = args.vec_x && args.vec_out_x;
-  float z_chunk[kTcVector] = {};
-  if (vec_dq) {
-    __syncthreads();  // s_z is written
-    const TcLaneChunk me = tc_lane_chunk(d / kTcVector);
-    if (me.active) load_8_floats_tc(z_chunk, s_z + me.chunk * kTcVector, false);
-  }
+  float z_chunk[kTcVector];  // the key mean at the lane's dq chunk
+  lane_chunk_of_smem_vector_tc(z_chunk, s_z, d, vec_dq);
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t begin = args.split.begin(s), end = args.split.end(s);
@@ -1238,15 +1245,9 @@ __global__ void __launch_bounds__(kTcApplyWarps* kWarpSize)
                                    static_cast<const float*>(nullptr), d, shift);
   const float unscale = ldexpf(1.f, -shift);
   for (int i = threadIdx.x; i < DP; i += blockDim.x) s_dz[i] = i < d ? args.vec[bh * d + i] : 0.f;
-  // The dz chunk of the lane's dk chunks (for_each_chunk_tc keeps a lane on one chunk), read
-  // once: in the epilogue, lanes of different rows read different chunks of s_dz in one phase.
   const bool vec_dk = args.vec_x && args.vec_out_x;
-  float dz_chunk[kTcVector] = {};
-  if (vec_dk) {
-    __syncthreads();  // s_dz is written
-    const TcLaneChunk me = tc_lane_chunk(d / kTcVector);
-    if (me.active) load_8_floats_tc(dz_chunk, s_dz + me.chunk * kTcVector, false);
-  }
+  float dz_chunk[kTcVector];  // grad_key_mean at the lane's dk chunk
+  lane_chunk_of_smem_vector_tc(dz_chunk, s_dz, d, vec_dk);
 
   const int64_t begin = args.split.begin(s), end = args.split.end(s);
   for (int64_t n0 = begin; n0 < end; n0 += TOK) {
