@@ -414,6 +414,8 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_state_backward_cuda(
     args.out_x_layout = token_major_layout(grad_k, dims.head_dim);
     args.out_y = grad_v.data_ptr<scalar_t>();
     args.out_y_layout = token_major_layout(grad_v, dims.value_dim);
+    args.vec_out_x = vector_access(grad_k, dims.head_dim);  // tensor-core kernels only
+    args.vec_out_y = vector_access(grad_v, dims.value_dim);
     args.mask = key_mask(key_padding_mask);
     args.kept = kept_ptr(kept);
     launch_state_backward<scalar_t, acc_t>(args, fm, tc_dim, kc, vc, stream);
@@ -470,6 +472,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_apply_backward_c
     args.y_layout = token_major_layout(goc, dims.value_dim);
     args.out_x = grad_q.data_ptr<scalar_t>();
     args.out_x_layout = token_major_layout(grad_q, dims.head_dim);
+    args.vec_out_x = vector_access(grad_q, dims.head_dim);  // tensor-core kernels only
     args.eps = static_cast<acc_t>(eps);
     launch_apply_backward<scalar_t, acc_t>(args, fm, tc_dim, qc, goc, grad_state, grad_key_mean,
                                            stream);

@@ -323,6 +323,7 @@ struct TokenArgs {
   TokenSplit split;
   bool vec_x;
   bool vec_y;
+  bool vec_out_x;
   bool vec_out_y;
 };
 
@@ -598,21 +599,113 @@ __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 
 constexpr int kTcVector = 8;  // 16-bit elements per 16-byte vector access
 
+// Row stride (16-bit elements) of the token tiles (rows x DP) in shared memory: rows of DP + 8
+// elements, an odd number of 16-byte units, so the 8 rows one WMMA (ldmatrix) phase reads fall in
+// 8 different bank groups. DP = 48 (head dim 40: 5 chunks of 8 per row) takes 13 units, 5 mod 8,
+// so that for_each_chunk_tc's consecutive (row, chunk) pairs (row * 5 + chunk) also land in
+// consecutive bank groups: conflict-free 16-byte stores.
+__host__ __device__ constexpr int tc_tile_ld(int dp) { return dp == 48 ? 104 : dp + 8; }
+
+// The 16-byte chunks (8 elements each) of a tile of rows, dealt to the block's lanes so that each
+// warp holds whole rows: a head's row of 80 bytes (head dim 40) is 2.5 sectors, and a row split
+// between two warps costs its middle sector twice. Within a warp, the rows' whole groups of 8
+// chunks come first (a 16-byte phase of 8 lanes then stores one row's group: 8 bank groups),
+// then the rows' remaining chunks. A lane keeps its chunk and steps through rows first_row,
+// first_row + row_step, ...; lanes beyond the warp's whole rows have none (active false).
+struct TcLaneChunk {
+  bool active;
+  int chunk;
+  int first_row;
+  int row_step;
+};
+
+// This lane's share of rows of `chunks` chunks (1 to 32).
+__device__ inline TcLaneChunk tc_lane_chunk(int chunks) {
+  const int rows_per_warp = kWarpSize / chunks;
+  const int grouped = chunks / 8 * 8, tail = chunks - grouped;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  TcLaneChunk me{lane < rows_per_warp * chunks, 0, 0,
+                 static_cast<int>(blockDim.x / kWarpSize) * rows_per_warp};
+  int r = 0;
+  if (lane < rows_per_warp * grouped) {
+    r = lane / grouped;
+    me.chunk = lane % grouped;
+  } else if (me.active) {
+    const int j = lane - rows_per_warp * grouped;
+    r = j / tail;
+    me.chunk = grouped + j % tail;
+  }
+  me.first_row = warp * rows_per_warp + r;
+  return me;
+}
+
+// Calls body(t, c) for every chunk c < chunks of rows t < ROWS, as tc_lane_chunk deals them.
+template <int ROWS, typename Body>
+__device__ inline void for_each_chunk_tc(int chunks, Body body) {
+  const TcLaneChunk me = tc_lane_chunk(chunks);
+  if (!me.active) return;
+  for (int t = me.first_row; t < ROWS; t += me.row_step) body(t, me.chunk);
+}
+
+// Which half of its 8 fp32 values the lane reading chunk `chunk` of row t reads first
+// (load_8_floats_tc), for rows of `chunks` chunks dealt by tc_lane_chunk: with an odd count
+// (head dim 40), lanes 4-7 of each quarter warp; with an even one, every other group of 4
+// chunks, alternating by row. Either way a 16-byte phase's 8 lanes read 32 distinct banks of
+// fp32 rows whose stride is 8 or 24 words mod 32 (tc_product_ld).
+__device__ inline bool tc_upper_first(int chunks, int t, int chunk) {
+  return chunks % 2 != 0 ? threadIdx.x % 8 / 4 != 0 : (chunk / 4 + t) % 2 != 0;
+}
+
+// Row stride (fp32 elements) of the product tiles (rows x cols) that WMMA accumulator stores
+// write: cols + 8, 8 or 24 words mod 32, so each 16-lane store phase (4 rows x 8 words) hits 32
+// banks; cols = 48 takes 72 (8 mod 32, not 24), which also keeps load_8_floats_tc's reads of a
+// warp's 6 rows of 5 chunks (head dim 40) conflict-free.
+__host__ __device__ constexpr int tc_product_ld(int cols) { return cols == 48 ? 72 : cols + 8; }
+
+// v = p[0, 8): 8 fp32 values of shared memory (16-byte aligned) as two 16-byte reads, the upper
+// half first when upper_first (tc_upper_first: in index order, the lanes of one phase would
+// share banks: 2-way, and 4-way with scalar reads).
+__device__ inline void load_8_floats_tc(float (&v)[8], const float* p, bool upper_first) {
+  const int first_half = upper_first ? 4 : 0;
+  const uint4 first = *reinterpret_cast<const uint4*>(p + first_half);
+  const uint4 second = *reinterpret_cast<const uint4*>(p + 4 - first_half);
+  const uint4 lo = upper_first ? second : first, hi = upper_first ? first : second;
+  const unsigned words[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = __uint_as_float(words[e]);
+}
+
+// out = this lane's chunk (tc_lane_chunk(d / 8)) of an fp32 vector in shared memory, for an
+// epilogue that adds it to every row of its chunks: read once, since lanes of several rows read
+// different chunks of it in one phase (bank conflicts). Zeros without vec; with vec
+// (block-uniform) the whole block calls it, and a barrier first publishes s_vec.
+__device__ inline void lane_chunk_of_smem_vector_tc(float (&out)[8], const float* s_vec, int d,
+                                                    bool vec) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) out[e] = 0.f;
+  if (!vec) return;
+  __syncthreads();
+  const TcLaneChunk me = tc_lane_chunk(d / kTcVector);
+  if (me.active) load_8_floats_tc(out, s_vec + me.chunk * kTcVector, false);
+}
+
 // Loads tokens [n0, n0 + ROWS) of head h (d <= DP columns) into smem (ROWS x LD, row-major) as
-// T(transform(x, t)) for row t; columns >= d and tokens >= end are zero. vec: 16-byte accesses
-// (d % 8 == 0, 16-byte aligned rows).
+// T(transform(x, t)) for row t; tokens >= end are zero, and so are columns >= d: written on every
+// call without vec, and with vec (16-byte accesses: d % 8 == 0, 16-byte aligned rows) only when
+// zero_padding (the first tile: nothing else writes them, so they stay zero).
 template <int ROWS, int DP, int LD, typename T, typename Transform>
 __device__ inline void load_rows_tc(T* smem, const T* src, const TokenMajorLayout& layout,
                                     int64_t b, int64_t h, int64_t n0, int64_t end, int d,
-                                    bool vec, Transform transform) {
+                                    bool vec, bool zero_padding, Transform transform) {
   static_assert(DP % kTcVector == 0 && LD % kTcVector == 0, "rows hold whole 16-byte vectors");
   if (vec) {
     constexpr int kChunks = DP / kTcVector;
-    for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += blockDim.x) {
-      const int t = idx / kChunks, c = (idx % kChunks) * kTcVector;
+    const int chunks = d / kTcVector;
+    for_each_chunk_tc<ROWS>(chunks, [&](int t, int chunk) {
+      const int c = chunk * kTcVector;
       const int64_t n = n0 + t;
       uint4 packed = make_uint4(0, 0, 0, 0);
-      if (n < end && c < d) {
+      if (n < end) {
         const uint4 raw = *reinterpret_cast<const uint4*>(src + layout.offset(b, n, h) + c);
         const T* in = reinterpret_cast<const T*>(&raw);
         T* out = reinterpret_cast<T*>(&packed);
@@ -620,6 +713,11 @@ __device__ inline void load_rows_tc(T* smem, const T* src, const TokenMajorLayou
         for (int e = 0; e < kTcVector; ++e) out[e] = from_float<T>(transform(to_float(in[e]), t));
       }
       *reinterpret_cast<uint4*>(smem + t * LD + c) = packed;
+    });
+    const int pad = zero_padding ? kChunks - chunks : 0;
+    for (int idx = threadIdx.x; idx < ROWS * pad; idx += blockDim.x) {
+      const int t = idx / pad, c = (chunks + idx % pad) * kTcVector;
+      *reinterpret_cast<uint4*>(smem + t * LD + c) = make_uint4(0, 0, 0, 0);
     }
   } else {
     for (int idx = threadIdx.x; idx < ROWS * DP; idx += blockDim.x) {
@@ -764,7 +862,7 @@ template <int DP>
 struct TcPartialShape {
   static_assert(DP % 16 == 0 && DP >= 16 && DP <= 160, "DP: multiple of 16, at most 160");
   static_assert(kTcPartialTokens % 16 == 0, "whole k-steps of 16 tokens");
-  static constexpr int kLd = DP + 8;  // +16 bytes per row: conflict-free fragment loads
+  static constexpr int kLd = tc_tile_ld(DP);
   static constexpr int kTiles = (DP / 16) * (DP / 16);
   static constexpr int kTilesPerWarp = (kTiles + kTcPartialWarps - 1) / kTcPartialWarps;
 };
@@ -808,10 +906,12 @@ __global__ void __launch_bounds__(kTcPartialWarps* kWarpSize)
     }
     __syncthreads();
     load_rows_tc<TOK, DP, LD>(s_a, x, args.x_layout, b, h, n0, end, args.dx, args.vec_x,
+                              n0 == begin,
                               [](float v, int t) {
                                 return s_w[t] != 0.f ? feature_map_value<F, float>(v) : 0.f;
                               });
     load_rows_tc<TOK, DP, LD>(s_b, y, args.y_layout, b, h, n0, end, args.dy, args.vec_y,
+                              n0 == begin,
                               [](float v, int t) { return s_w[t] != 0.f ? v : 0.f; });
     __syncthreads();
     if (threadIdx.x < DP) {
@@ -841,11 +941,11 @@ struct TcTokenShape {
   static constexpr int kTokens = tc_token_tile(DP);
   static constexpr int kCols = COLS;           // DP, or DP + 16 with the key mean at column DP
   static constexpr int kLdS = kCols + 8;       // +16 bytes per row: conflict-free loads
-  static constexpr int kLdT = DP + 8;
+  static constexpr int kLdT = tc_tile_ld(DP);
   // fp32 products, written by WMMA accumulator stores: each 16-lane phase stores 4 rows x 8
   // words, in distinct banks when the row stride is 8 or 24 words mod 32 (kCols is a multiple
   // of 16), instead of 2-way conflicts with kCols + 4.
-  static constexpr int kLdP = kCols + 8;
+  static constexpr int kLdP = tc_product_ld(kCols);
   static constexpr size_t kHalfBytes = size_t(DP) * kLdS * 2;    // hi or lo
   static constexpr size_t kTileBytes = size_t(kTokens) * kLdT * 2;
   static constexpr size_t kProductBytes = size_t(kTokens) * kLdP * 4;
@@ -894,34 +994,27 @@ __global__ void __launch_bounds__(kTcApplyWarps* kWarpSize)
   for (int64_t n0 = begin; n0 < end; n0 += TOK) {
     __syncthreads();  // state loaded; the previous epilogue is done with s_q and s_p
     load_rows_tc<TOK, DP, Shape::kLdT>(s_q, q, args.x_layout, b, h, n0, end, d, args.vec_x,
+                                       n0 == begin,
                                        [](float v, int) { return feature_map_value<F, float>(v); });
     __syncthreads();
     gemm_hi_lo_to_smem<T, TOK, Shape::kCols, DP, Shape::kLdT, Shape::kLdS, Shape::kLdP, false,
                        kTcApplyWarps>(s_q, s_hi, s_lo, s_p);
     __syncthreads();
     if (args.vec_out_y) {
-      constexpr int kChunks = DP / kTcVector;
-      for (int idx = threadIdx.x; idx < TOK * kChunks; idx += blockDim.x) {
-        const int t = idx / kChunks, c = (idx % kChunks) * kTcVector;
+      for_each_chunk_tc<TOK>(d / kTcVector, [&](int t, int chunk) {
+        const int c = chunk * kTcVector;
         const int64_t n = n0 + t;
-        if (n >= end || c >= d) continue;
+        if (n >= end) return;
         const float* row = s_p + t * Shape::kLdP;
         const float inv_den = 1.f / (row[DP] + args.eps);
-        // The chunk's 8 fp32 products as two 16-byte reads. Lanes 4-7 of each quarter warp (one
-        // 16-byte phase) read their upper half first, so that with 8 chunks per row the phase's
-        // 32 words fall in 32 different banks (in index order, lanes 0 and 4 would share
-        // theirs: 2-way, and 4-way with scalar reads).
-        const int upper_first = threadIdx.x % 8 / 4;
-        const uint4 first = *reinterpret_cast<const uint4*>(row + c + 4 * upper_first);
-        const uint4 second = *reinterpret_cast<const uint4*>(row + c + 4 - 4 * upper_first);
-        const uint4 lo = upper_first ? second : first, hi = upper_first ? first : second;
-        const unsigned words[kTcVector] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+        float products[kTcVector];
+        load_8_floats_tc(products, row + c, tc_upper_first(d / kTcVector, t, chunk));
         uint4 packed;
         T* vals = reinterpret_cast<T*>(&packed);
 #pragma unroll
-        for (int e = 0; e < kTcVector; ++e) vals[e] = from_float<T>(__uint_as_float(words[e]) * inv_den);
+        for (int e = 0; e < kTcVector; ++e) vals[e] = from_float<T>(products[e] * inv_den);
         *reinterpret_cast<uint4*>(out + args.out_y_layout.offset(b, n, h) + c) = packed;
-      }
+      });
     } else {
       for (int idx = threadIdx.x; idx < TOK * DP; idx += blockDim.x) {
         const int t = idx / DP, c = idx % DP;
@@ -947,7 +1040,7 @@ constexpr int kTcBackwardWarps = 8;
 template <int DP>
 struct TcApplyBackwardShape : TcTokenShape<DP, DP + 16> {
   using Base = TcTokenShape<DP, DP + 16>;
-  static constexpr int kLdR = DP + 8;  // fp32 dO S^T, padded as kLdP
+  static constexpr int kLdR = tc_product_ld(DP);  // fp32 dO S^T
   static constexpr size_t kRBytes = size_t(Base::kTokens) * kLdR * 4;
   static constexpr size_t kSmemBytes = 2 * Base::kHalfBytes + 2 * Base::kTileBytes +
                                        Base::kProductBytes + kRBytes +
@@ -1003,13 +1096,19 @@ __global__ void __launch_bounds__(kTcBackwardWarps* kWarpSize)
   for (int i = 0; i < Shape::kOuterTilesPerWarp; ++i) wmma::fill_fragment(acc[i], 0.f);
   float dz_acc = 0.f;  // partial dz[threadIdx.x], threadIdx.x < DP
 
+  const bool vec_dq = args.vec_x && args.vec_out_x;
+  float z_chunk[kTcVector];  // the key mean at the lane's dq chunk
+  lane_chunk_of_smem_vector_tc(z_chunk, s_z, d, vec_dq);
+
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t begin = args.split.begin(s), end = args.split.end(s);
   for (int64_t n0 = begin; n0 < end; n0 += TOK) {
     __syncthreads();  // state loaded; the previous tile's readers are done
     load_rows_tc<TOK, DP, LDT>(s_q, q, args.x_layout, b, h, n0, end, d, args.vec_x,
+                               n0 == begin,
                                [](float v, int) { return feature_map_value<F, float>(v); });
     load_rows_tc<TOK, DP, LDT>(s_do, grad_out, args.y_layout, b, h, n0, end, d, args.vec_y,
+                               n0 == begin,
                                [](float v, int) { return v; });
     __syncthreads();
     gemm_hi_lo_to_smem<T, TOK, Shape::kCols, DP, LDT, Shape::kLdS, LDP, false, kTcBackwardWarps>(
@@ -1033,17 +1132,48 @@ __global__ void __launch_bounds__(kTcBackwardWarps* kWarpSize)
     }
     __syncthreads();
     // dq, and a_t = phi(q_t) inv_den_t in place of phi(q_t).
-    for (int idx = threadIdx.x; idx < TOK * DP; idx += blockDim.x) {
-      const int t = idx / DP, c = idx % DP;
-      const int64_t n = n0 + t;
-      const float inv_den = s_inv_den[t];
-      if (n < end && c < d) {
-        const float xq = to_float(q[args.x_layout.offset(b, n, h) + c]);
-        const float dfq = (s_r[t * LDR + c] - s_g[t] * s_z[c]) * inv_den;
-        grad_q[args.out_x_layout.offset(b, n, h) + c] =
-            from_float<T>(dfq * feature_map_grad<F, float>(xq));
+    if (vec_dq) {
+      for_each_chunk_tc<TOK>(d / kTcVector, [&](int t, int chunk) {
+        const int c = chunk * kTcVector;
+        const int64_t n = n0 + t;
+        const float inv_den = s_inv_den[t];
+        uint4 a = *reinterpret_cast<const uint4*>(s_q + t * LDT + c);
+        T* a_vals = reinterpret_cast<T*>(&a);
+        if (n < end) {
+          const uint4 raw = *reinterpret_cast<const uint4*>(q + args.x_layout.offset(b, n, h) + c);
+          const T* xq = reinterpret_cast<const T*>(&raw);
+          float r[kTcVector];
+          load_8_floats_tc(r, s_r + t * LDR + c, tc_upper_first(d / kTcVector, t, chunk));
+          const float g = s_g[t];
+          uint4 packed;
+          T* dq = reinterpret_cast<T*>(&packed);
+#pragma unroll
+          for (int e = 0; e < kTcVector; ++e) {
+            const float dfq = (r[e] - g * z_chunk[e]) * inv_den;
+            dq[e] = from_float<T>(dfq * feature_map_grad<F, float>(to_float(xq[e])));
+          }
+          *reinterpret_cast<uint4*>(grad_q + args.out_x_layout.offset(b, n, h) + c) = packed;
+        }
+#pragma unroll
+        for (int e = 0; e < kTcVector; ++e) {
+          a_vals[e] = from_float<T>(to_float(a_vals[e]) * inv_den);
+        }
+        *reinterpret_cast<uint4*>(s_q + t * LDT + c) = a;
+      });
+    } else {
+      for (int idx = threadIdx.x; idx < TOK * DP; idx += blockDim.x) {
+        const int t = idx / DP, c = idx % DP;
+        if (c >= d) continue;  // the padding columns stay zero
+        const int64_t n = n0 + t;
+        const float inv_den = s_inv_den[t];
+        if (n < end) {
+          const float xq = to_float(q[args.x_layout.offset(b, n, h) + c]);
+          const float dfq = (s_r[t * LDR + c] - s_g[t] * s_z[c]) * inv_den;
+          grad_q[args.out_x_layout.offset(b, n, h) + c] =
+              from_float<T>(dfq * feature_map_grad<F, float>(xq));
+        }
+        s_q[t * LDT + c] = from_float<T>(to_float(s_q[t * LDT + c]) * inv_den);
       }
-      s_q[t * LDT + c] = from_float<T>(to_float(s_q[t * LDT + c]) * inv_den);
     }
     __syncthreads();
     if (threadIdx.x < DP) {
@@ -1115,6 +1245,9 @@ __global__ void __launch_bounds__(kTcApplyWarps* kWarpSize)
                                    static_cast<const float*>(nullptr), d, shift);
   const float unscale = ldexpf(1.f, -shift);
   for (int i = threadIdx.x; i < DP; i += blockDim.x) s_dz[i] = i < d ? args.vec[bh * d + i] : 0.f;
+  const bool vec_dk = args.vec_x && args.vec_out_x;
+  float dz_chunk[kTcVector];  // grad_key_mean at the lane's dk chunk
+  lane_chunk_of_smem_vector_tc(dz_chunk, s_dz, d, vec_dk);
 
   const int64_t begin = args.split.begin(s), end = args.split.end(s);
   for (int64_t n0 = begin; n0 < end; n0 += TOK) {
@@ -1125,38 +1258,79 @@ __global__ void __launch_bounds__(kTcApplyWarps* kWarpSize)
     }
     __syncthreads();
     load_rows_tc<TOK, DP, LDT>(s_fk, k, args.x_layout, b, h, n0, end, d, args.vec_x,
+                               n0 == begin,
                                [s_w](float x, int t) {
                                  return s_w[t] != 0.f ? feature_map_value<F, float>(x) : 0.f;
                                });
     load_rows_tc<TOK, DP, LDT>(s_v, v, args.y_layout, b, h, n0, end, d, args.vec_y,
+                               n0 == begin,
                                [s_w](float x, int t) { return s_w[t] != 0.f ? x : 0.f; });
     __syncthreads();
     gemm_hi_lo_to_smem<T, TOK, DP, DP, LDT, Shape::kLdS, LDP, true, kTcApplyWarps>(s_v, s_hi,
                                                                                    s_lo, s_p);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < TOK * DP; idx += blockDim.x) {
-      const int t = idx / DP, c = idx % DP;
-      const int64_t n = n0 + t;
-      if (n >= end || c >= d) continue;
-      float grad = 0.f;
-      if (s_w[t] != 0.f) {
-        const float xk = to_float(k[args.x_layout.offset(b, n, h) + c]);
-        grad = (s_p[t * LDP + c] * unscale + s_dz[c]) * s_w[t] *
-               feature_map_grad<F, float>(xk);
+    if (vec_dk) {
+      for_each_chunk_tc<TOK>(d / kTcVector, [&](int t, int chunk) {
+        const int c = chunk * kTcVector;
+        const int64_t n = n0 + t;
+        if (n >= end) return;
+        uint4 packed = make_uint4(0, 0, 0, 0);
+        if (s_w[t] != 0.f) {
+          const uint4 raw = *reinterpret_cast<const uint4*>(k + args.x_layout.offset(b, n, h) + c);
+          const T* xk = reinterpret_cast<const T*>(&raw);
+          float p[kTcVector];
+          load_8_floats_tc(p, s_p + t * LDP + c, tc_upper_first(d / kTcVector, t, chunk));
+          T* vals = reinterpret_cast<T*>(&packed);
+#pragma unroll
+          for (int e = 0; e < kTcVector; ++e) {
+            vals[e] = from_float<T>((p[e] * unscale + dz_chunk[e]) * s_w[t] *
+                                    feature_map_grad<F, float>(to_float(xk[e])));
+          }
+        }
+        *reinterpret_cast<uint4*>(grad_k + args.out_x_layout.offset(b, n, h) + c) = packed;
+      });
+    } else {
+      for (int idx = threadIdx.x; idx < TOK * DP; idx += blockDim.x) {
+        const int t = idx / DP, c = idx % DP;
+        const int64_t n = n0 + t;
+        if (n >= end || c >= d) continue;
+        float grad = 0.f;
+        if (s_w[t] != 0.f) {
+          const float xk = to_float(k[args.x_layout.offset(b, n, h) + c]);
+          grad = (s_p[t * LDP + c] * unscale + s_dz[c]) * s_w[t] *
+                 feature_map_grad<F, float>(xk);
+        }
+        grad_k[args.out_x_layout.offset(b, n, h) + c] = from_float<T>(grad);
       }
-      grad_k[args.out_x_layout.offset(b, n, h) + c] = from_float<T>(grad);
     }
     __syncthreads();
     gemm_hi_lo_to_smem<T, TOK, DP, DP, LDT, Shape::kLdS, LDP, false, kTcApplyWarps>(s_fk, s_hi,
                                                                                     s_lo, s_p);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < TOK * DP; idx += blockDim.x) {
-      const int t = idx / DP, c = idx % DP;
-      const int64_t n = n0 + t;
-      if (n >= end || c >= d) continue;
-      // Explicit zero for removed keys: 0 * an infinite product would be NaN.
-      const float grad = s_w[t] != 0.f ? s_p[t * LDP + c] * unscale * s_w[t] : 0.f;
-      grad_v[args.out_y_layout.offset(b, n, h) + c] = from_float<T>(grad);
+    // Explicit zeros for removed keys: 0 * an infinite product would be NaN.
+    if (args.vec_out_y) {
+      for_each_chunk_tc<TOK>(d / kTcVector, [&](int t, int chunk) {
+        const int c = chunk * kTcVector;
+        const int64_t n = n0 + t;
+        if (n >= end) return;
+        uint4 packed = make_uint4(0, 0, 0, 0);
+        if (s_w[t] != 0.f) {
+          float p[kTcVector];
+          load_8_floats_tc(p, s_p + t * LDP + c, tc_upper_first(d / kTcVector, t, chunk));
+          T* vals = reinterpret_cast<T*>(&packed);
+#pragma unroll
+          for (int e = 0; e < kTcVector; ++e) vals[e] = from_float<T>(p[e] * unscale * s_w[t]);
+        }
+        *reinterpret_cast<uint4*>(grad_v + args.out_y_layout.offset(b, n, h) + c) = packed;
+      });
+    } else {
+      for (int idx = threadIdx.x; idx < TOK * DP; idx += blockDim.x) {
+        const int t = idx / DP, c = idx % DP;
+        const int64_t n = n0 + t;
+        if (n >= end || c >= d) continue;
+        const float grad = s_w[t] != 0.f ? s_p[t * LDP + c] * unscale * s_w[t] : 0.f;
+        grad_v[args.out_y_layout.offset(b, n, h) + c] = from_float<T>(grad);
+      }
     }
   }
 #endif

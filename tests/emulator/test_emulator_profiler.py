@@ -138,6 +138,10 @@ def test_profile_names_each_source_line():
 CASES = {
     "linear_attention_fp16_d64": lambda: emu_profile.run_linear_attention(torch.float16, 64, 256),
     "linear_attention_bf16_d40": lambda: emu_profile.run_linear_attention(torch.bfloat16, 40, 256),
+    # SD's layout: two heads per token row, a head's 80-byte rows not sector-aligned.
+    "linear_attention_fp16_d40_h2": lambda: emu_profile.run_linear_attention(torch.float16, 40, 256, heads=2),
+    "linear_attention_fp16_d80": lambda: emu_profile.run_linear_attention(torch.float16, 80, 256),
+    "linear_attention_fp16_d160": lambda: emu_profile.run_linear_attention(torch.float16, 160, 128),
     "linear_attention_fp32_d40": lambda: emu_profile.run_linear_attention(torch.float32, 40, 128),
     "layer_norm_fp16_c320": lambda: emu_profile.run_layer_norm(torch.float16, 320, 64),
     "layer_norm_fp32_c37_generic": lambda: emu_profile.run_layer_norm(torch.float32, 37, 32),

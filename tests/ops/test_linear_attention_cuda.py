@@ -313,8 +313,47 @@ def test_opcheck(backend, index):
 # Emulation only: which kernel each device profile runs, and independence of the schedule.
 
 # Dynamic shared memory of the tensor-core kernels (KiB) at padded head dim 48 / 64 / 80 / 128 /
-# 160: apply 37.5 / 52.0 / 68.5 / 103.0 / 148.0, apply backward 58.2 / 78.8 / 101.3 / 128.8 /
-# 179.9, state backward 37.9 / 53.5 / 71.1 / 102.1 / 147.3; the state kernel's is static, below
+@pytest.mark.parametrize("dtype", LOWP)
+def test_gradients_strided_and_misaligned_slices(backend, dtype):
+    """The tensor-core backward kernels read q, k, v and write dq, dk, dv with 16-byte accesses
+    when rows allow (slices of padded rows), else element by element (a start one element off):
+    both agree with the reference, and the strided slices bitwise with contiguous copies."""
+    b, heads, d = 2, 2, 40
+    nq, nk = lengths(backend)
+    g = torch.Generator(device=backend.device).manual_seed(11)
+    c = heads * d
+    qkv = torch.rand(b, nk, 3 * c + 8, generator=g, device=backend.device).to(dtype)  # padded rows
+    grad_out = torch.randn(b, nk, c, generator=g, device=backend.device)
+    mask = torch.rand(b, nk, generator=g, device=backend.device) > 0.4
+
+    def run(q, k, v):
+        q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))  # strides kept
+        out = backend.linear_attention(q, k, v, heads, key_padding_mask=mask)
+        out.backward(grad_out.to(dtype))
+        return q.grad, k.grad, v.grad
+
+    def ref64(q, k, v):
+        return reference.linear_attention(q, k, v, heads, key_padding_mask=mask)
+
+    def lowp(q, k, v):
+        return lowp_linear_attention(q, k, v, heads, key_padding_mask=mask)
+
+    for offset in (0, 1):
+        q, k, v = (qkv[..., offset + i * c:offset + (i + 1) * c] for i in range(3))
+        assert not q.is_contiguous()
+        got = run(q, k, v)
+        want = grads(ref64, q.double(), k.double(), v.double(), grad_out.double())
+        lowp_grads = grads(lowp, q, k, v, grad_out)
+        for name, x, lo, w in zip("qkv", got, lowp_grads, want):
+            floor = default_floor(dtype) * w.abs().max().item()
+            assert_close_lowp(x, lo, w, floor=floor, name=f"grad_{name} (offset {offset})")
+        if offset == 0:
+            for x, y in zip(got, run(q.contiguous(), k.contiguous(), v.contiguous())):
+                torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+# 160: apply 44.5 / 53.0 / 69.5 / 103.5 / 148.5, apply backward 76.2 / 80.8 / 103.3 / 129.8 /
+# 180.9, state backward 54.9 / 54.5 / 72.1 / 102.6 / 147.8; the state kernel's is static, below
 # 48 KiB. An op runs on tensor cores on sm_80+ when its kernel fits the profile's opt-in limit
 # (H100 227 KiB, A100 163 KiB, sm86 99 KiB), else (and always on sm75) on the generic kernels.
 TC_OPS = ("state", "apply", "apply_backward", "state_backward")
@@ -389,8 +428,8 @@ def test_path_per_dtype_and_head_dims(backend, dtype, dk, dv, dp):
 
 
 @only("emu-2sm")
-@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.float16, 96), (torch.float32, 40),
-                                     (torch.float64, 17)])
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.float16, 96), (torch.float16, 40),
+                                     (torch.float32, 40), (torch.float64, 17)])
 def test_schedules_give_bitwise_equal_results(backend, dtype, d):
     """Forward and backward, masked, under forward, reverse and shuffled thread and block orders:
     a missing barrier or a race on shared memory would change the bits."""
