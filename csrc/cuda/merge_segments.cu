@@ -4,10 +4,11 @@
 // order (segments may come in any prompt order), the prompt lengths and every token's slot in its
 // prompt's merged row (-1 when it is dropped or past the budget). It runs on the GPU, with no host
 // synchronisation, in one of two ways:
-//  - fused (S and B at most kFusedMaxSegments, LongAlign's sizes): every block of the copy kernel
-//    plans in shared memory first (the keep mask, S*L bytes, is read from L2 by each block) and a
-//    warp finds a token's slot from the ballots of its segment, so the op is one launch (the
-//    backward's gather is one launch too, before the pad gradient);
+//  - fused (S and B at most kFusedMaxSegments, S*L at most kFusedKeepBytes: LongAlign's sizes):
+//    every block of the copy kernel plans in shared memory first (it reads the keep mask, S*L
+//    bytes, from L2 in 16-byte units and keeps its ballots, 32 tokens a word) and a warp finds a
+//    token's slot from its segment's words, so the op is one launch (the backward's gather is one
+//    launch too, before the pad gradient);
 //  - planned (more segments or prompts): a one-block plan kernel writes every slot to global
 //    memory and the copy kernels read them.
 //
@@ -48,8 +49,11 @@ constexpr int kPlanWarps = kPlanThreads / kWarpSize;
 constexpr int kCopyThreads = 256;
 constexpr int kCopyWarps = kCopyThreads / kWarpSize;
 constexpr int kCopyUnroll = 4;  // 16-byte units in flight per lane
-// Fused path: one thread of the copy block per segment (and per prompt) in the block's plan.
+// Fused path: one thread of the copy block per segment (and per prompt) in the block's plan; the
+// keep mask (S*L bytes) and its bits (32 tokens a word) staged in shared memory.
 constexpr int64_t kFusedMaxSegments = kCopyThreads;
+constexpr int64_t kFusedKeepBytes = 16384;
+constexpr int64_t kFusedMaskWords = 1024;
 
 __device__ __forceinline__ bool valid_prompt(int64_t id, int64_t prompts) {
   return id >= 0 && id < prompts;
@@ -245,7 +249,14 @@ struct BlockPlan {
   int64_t count[kFusedMaxSegments];   // segment's kept tokens
   int64_t offset[kFusedMaxSegments];  // slot of the segment's first kept token
   int64_t length[kFusedMaxSegments];  // prompt lengths: min(kept tokens of the prompt, T)
+  uint32_t mask[kFusedMaskWords];     // keep bits of segment s: mask[s * chunks + l / 32]
+  alignas(16) bool keep[kFusedKeepBytes];  // the keep mask, S x L
 };
+
+// Words of keep bits per segment.
+__host__ __device__ __forceinline__ int64_t keep_chunks(int64_t length) {
+  return (length + kWarpSize - 1) / kWarpSize;
+}
 
 // Fills `plan` (every thread of the block calls it; blockDim.x == kCopyThreads). Block 0 also
 // writes the prompt lengths to `lengths_out` (B).
@@ -256,12 +267,26 @@ __device__ __forceinline__ void plan_in_block(const bool* __restrict__ keep,
                                               int64_t* __restrict__ lengths_out) {
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
+  // The keep mask into shared memory, 16 bytes a thread when it is aligned.
+  const int64_t keep_bytes = segments * length;
+  int64_t done = 0;
+  if (reinterpret_cast<std::uintptr_t>(keep) % kVectorBytes == 0) {
+    done = keep_bytes / kVectorBytes * kVectorBytes;
+    for (int64_t v = threadIdx.x; v < done / kVectorBytes; v += kCopyThreads) {
+      reinterpret_cast<uint4*>(plan.keep)[v] = reinterpret_cast<const uint4*>(keep)[v];
+    }
+  }
+  for (int64_t i = done + threadIdx.x; i < keep_bytes; i += kCopyThreads) plan.keep[i] = keep[i];
+  __syncthreads();
+  // Keep bits and kept count per segment, a warp per segment, 32 tokens per ballot.
+  const int64_t chunks = keep_chunks(length);
   for (int64_t s = warp; s < segments; s += kCopyWarps) {
     int64_t kept = 0;
-#pragma unroll 4
-    for (int64_t l0 = 0; l0 < length; l0 += kWarpSize) {
-      const bool k = l0 + lane < length && keep[s * length + l0 + lane];
-      kept += __popc(__ballot_sync(kFullMask, k));
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t l = c * kWarpSize + lane;
+      const unsigned bits = __ballot_sync(kFullMask, l < length && plan.keep[s * length + l]);
+      if (lane == 0) plan.mask[s * chunks + c] = bits;
+      kept += __popc(bits);
     }
     if (lane == 0) plan.count[s] = kept;
   }
@@ -291,26 +316,20 @@ __device__ __forceinline__ void plan_in_block(const bool* __restrict__ keep,
   __syncthreads();
 }
 
-// Slot of token row `task` = s * L + l in its prompt's merged row, or -1 (warp-uniform: every
-// lane of the warp calls it with the same task). The kept tokens before l come from the ballots
-// of the segment's keep chunks up to l's.
-__device__ __forceinline__ int64_t token_slot(const bool* __restrict__ keep, int64_t task,
-                                              int64_t length, int64_t max_tokens,
-                                              const BlockPlan& plan, int lane) {
+// Slot of token row `task` = s * L + l in its prompt's merged row, or -1: the segment's offset
+// plus the kept tokens before l, counted in the segment's keep words.
+__device__ __forceinline__ int64_t token_slot(int64_t task, int64_t length, int64_t max_tokens,
+                                              const BlockPlan& plan) {
   const int64_t s = task / length;
   const int64_t l = task - s * length;
   if (plan.prompt[s] < 0) return -1;
-  const bool* segment_keep = keep + s * length;
+  const uint32_t* words = plan.mask + s * keep_chunks(length);
+  const int64_t chunk = l / kWarpSize;
   int64_t before = 0;
-  const int64_t last_chunk = l / kWarpSize * kWarpSize;
-  for (int64_t l0 = 0; l0 < last_chunk; l0 += kWarpSize) {
-    before += __popc(__ballot_sync(kFullMask, segment_keep[l0 + lane]));  // l0 + 32 <= l < L
-  }
-  const unsigned mask =
-      __ballot_sync(kFullMask, last_chunk + lane < length && segment_keep[last_chunk + lane]);
-  const int bit = static_cast<int>(l - last_chunk);
-  if (((mask >> bit) & 1u) == 0u) return -1;
-  const int64_t slot = plan.offset[s] + before + __popc(mask & lanes_below(bit));
+  for (int64_t c = 0; c < chunk; ++c) before += __popc(words[c]);
+  const int bit = static_cast<int>(l - chunk * kWarpSize);
+  if (((words[chunk] >> bit) & 1u) == 0u) return -1;
+  const int64_t slot = plan.offset[s] + before + __popc(words[chunk] & lanes_below(bit));
   return slot < max_tokens ? slot : -1;
 }
 
@@ -332,7 +351,7 @@ __global__ void __launch_bounds__(kCopyThreads)
   const int64_t tasks = token_rows + prompts * max_tokens;
   for (int64_t task = global_warp(); task < tasks; task += warps_in_grid()) {
     if (task < token_rows) {
-      const int64_t slot = token_slot(keep, task, length, max_tokens, plan, lane);
+      const int64_t slot = token_slot(task, length, max_tokens, plan);
       if (slot < 0) continue;
       copy_row(merged + merged_row(plan.prompt[task / length], slot, max_tokens) * units,
                embeds + task * units, units, lane);
@@ -361,7 +380,7 @@ __global__ void __launch_bounds__(kCopyThreads)
   const int lane = threadIdx.x % kWarpSize;
   const int64_t token_rows = segments * length;
   for (int64_t task = global_warp(); task < token_rows; task += warps_in_grid()) {
-    const int64_t slot = token_slot(keep, task, length, max_tokens, plan, lane);
+    const int64_t slot = token_slot(task, length, max_tokens, plan);
     const Unit* src = nullptr;
     if (slot >= 0) src = grad_merged + merged_row(plan.prompt[task / length], slot, max_tokens) * units;
     copy_row(grad_embeds + task * units, src, units, lane);
@@ -451,9 +470,12 @@ int64_t copy_blocks(Kernel kernel, int64_t warp_tasks) {
                                           (warp_tasks + kCopyWarps - 1) / kCopyWarps);
 }
 
-// Whether each copy block can plan in shared memory (one thread per segment and per prompt).
+// Whether each copy block can plan in shared memory (one thread per segment and per prompt, the
+// keep mask and its bits staged there).
 bool fused_plan_fits(const MergeDims& dims) {
-  return dims.segments <= kFusedMaxSegments && dims.prompts <= kFusedMaxSegments;
+  return dims.segments <= kFusedMaxSegments && dims.prompts <= kFusedMaxSegments &&
+         dims.segments * dims.length <= kFusedKeepBytes &&
+         dims.segments * keep_chunks(dims.length) <= kFusedMaskWords;
 }
 
 // embeds (S, L, C), keep (S, L) bool, segment_ids (S,) int64, pad (C,) or (T, C) ->

@@ -429,14 +429,18 @@ def test_merge_copy_unit_path(backend):
 
 
 @only("emu")
-@pytest.mark.parametrize("segments,prompts,fused", [(256, 2, True), (5, 256, True), (257, 2, False),
-                                                    (5, 257, False)])
-def test_merge_plan_path(backend, segments, prompts, fused):
-    """Up to 256 segments and 256 prompts each copy block plans in shared memory (one launch for
-    the forward, one for the gather of the backward, before the pad gradient); beyond, the plan
-    kernel writes the slots first. Both give the reference's result."""
-    embeds, keep, ids, prompts, tokens, pad = _merge_inputs(backend.device, segments, 9, 16, prompts, 40,
-                                                            torch.float32, seed=11)
+@pytest.mark.parametrize("segments,length,prompts,fused", [
+    (256, 9, 2, True), (5, 9, 256, True), (212, 77, 3, True), (257, 9, 2, False), (5, 9, 257, False),
+    (213, 77, 3, False)])
+def test_merge_plan_path(backend, segments, length, prompts, fused):
+    """Up to 256 segments, 256 prompts and 16 KB of keep mask (212 CLIP segments) each copy block
+    plans in shared memory (one launch for the forward, one for the gather of the backward, before
+    the pad gradient); beyond, the plan kernel writes the slots first. Both give the reference's
+    result."""
+    embeds, keep, ids, prompts, tokens, pad = _merge_inputs(backend.device, segments, length, 8, prompts,
+                                                            40, torch.float32, seed=11)
+    if length == 77:  # a keep mask at an odd address: the byte-wise staging
+        keep = torch.zeros(segments * length + 1, dtype=torch.bool, device=keep.device)[1:].view(segments, length).copy_(keep)
     merged, lengths = backend.ops.merge_segments(embeds, keep, ids, prompts, tokens, pad)
     ref_merged, ref_lengths = reference.merge_segments(embeds, keep, ids, prompts, tokens, pad)
     assert torch.equal(merged, ref_merged) and torch.equal(lengths, ref_lengths)
