@@ -109,9 +109,11 @@ def analytic_fp32_flops(kernel, n, bh, d):
     return 0
 
 
-def predict(fitted, n, scale, target_s, d, device, usage):
+def predict(fitted, n, scale, target_s, d, device, usage, grid_stride=False):
     """Counters and predicted time of each launch at size n; target_s(kernel, n) gives the
-    launch's S there (None: the fit has no S term), scale multiplies per-head counters."""
+    launch's S there (None: the fit has no S term), scale multiplies per-head counters.
+    grid_stride: the launches are grid-stride kernels whose launcher caps the grid at the
+    resident blocks (ep.grid_stride_blocks), so the fitted block count is capped there too."""
     out, previous = [], 1.0
     for row in fitted:
         k = row["kernel"]
@@ -121,6 +123,8 @@ def predict(fitted, n, scale, target_s, d, device, usage):
         blocks = max(values["blocks"], 1)
         regs = usage.get(k, {}).get("registers")
         occ = ep.occupancy(device, row["threads"], regs, row["smem"])
+        if grid_stride:
+            blocks = ep.grid_stride_blocks(device, blocks, row["threads"], regs, row["smem"])
         roof = ep.roofline(device, values["dram_bytes"], values["mma"] * emulated.MMA_FLOPS,
                            scale * analytic_fp32_flops(k, n, 1, d), blocks, occ["blocks_per_sm"])
         out.append({"kernel": k, "blocks": blocks, "registers": regs, **occ, **roof,
@@ -186,11 +190,16 @@ def main():
             heads = 1 if dt == "fp32" else 2
             cases.append(("linear_attention", "tensor-core" if dt != "fp32" else "generic", dt, d, heads,
                           [(small[0], 1), (small[1], 1), (small[1], 0)]))
-    for dt in ("fp16", "bf16", "fp32"):
-        cases.append(("layer_norm", "fast", dt, 320, 1, [(1024, 1), (2048, 1), (2048, 0)]))
+    # LayerNorm at the widths LinFusion's kernel MLPs use: dim_n = 320, 640, 1280 (SD 1.5 / 2.1 /
+    # XL), and dim_n // 16 = 40, 80 (LinFusion-XL's mid width); bf16 runs the fp16 kernels' layout.
+    ln_rows = {40: 1024, 80: 1024, 320: 1024, 640: 512, 1280: 256}
+    for c, r in ln_rows.items():
+        for dt in ("fp16", "bf16", "fp32") if c == 320 else ("fp16", "fp32"):
+            cases.append(("layer_norm", "fast", dt, c, 1, [(r, 1), (2 * r, 1), (2 * r, 0)]))
     cases.append(("layer_norm", "generic", "fp32", 330, 1, [(256, 1), (512, 1), (512, 0)]))
-    for dt in ("fp16", "fp32"):
-        cases.append(("merge_segments", "copy", dt, 768, 1, [(4, 0), (8, 0)]))
+    # merge at the text encoders' widths: 768 (SD 1.5), 1024 (SD 2.1), 768 + 1280 (SD XL's two).
+    for dt, c in (("fp16", 768), ("fp16", 1024), ("fp16", 2048), ("fp32", 768)):
+        cases.append(("merge_segments", "copy", dt, c, 1, [(4, 0), (8, 0)]))
 
     measured_cases = []
     for op, path, dt, d, bh_e, ns in cases:
@@ -233,12 +242,17 @@ def main():
                         rows = TARGET_B * n
                         n_full, l_full = runs[-1]
                         per_block = {r["kernel"]: n_full / r["blocks"] for r in l_full}
-                        # grid-stride kernels: enough blocks for the rows, at most 8 per SM resident
+                        # grid-stride kernels: enough blocks for the rows, at most those resident
+                        shape = {row["kernel"]: (row["threads"], row["smem"]) for row in fitted}
                         launch_pred = predict(fitted, rows, 1.0,
-                                              lambda k, nn: min(math.ceil(nn / per_block[k]), 8 * sms), d, dev, usage[dev])
+                                              lambda k, nn: ep.grid_stride_blocks(
+                                                  dev, math.ceil(nn / per_block[k]), shape[k][0],
+                                                  usage[dev].get(k, {}).get("registers"), shape[k][1]),
+                                              d, dev, usage[dev], grid_stride=True)
                         mb = min_bytes(op, p, rows, 1, d, elem)
                     else:
-                        launch_pred = predict(fitted, n, 1.0, lambda k, nn: None, d, dev, usage[dev])
+                        launch_pred = predict(fitted, n, 1.0, lambda k, nn: None, d, dev, usage[dev],
+                                              grid_stride=True)
                         mb = min_bytes(op, p, n, 1, d, elem)
                     seconds = sum(x["seconds"] for x in launch_pred)
                     floor = mb / ep.DEVICES[dev]["dram_bytes_per_s"]

@@ -68,6 +68,14 @@ def occupancy(device: str, threads: int, registers: Optional[int], smem: int) ->
             "occupancy": blocks * warps * 32 / d["threads_per_sm"]}
 
 
+def grid_stride_blocks(device: str, work_blocks: float, threads: int, registers: Optional[int], smem: int) -> float:
+    """Blocks a grid-stride launcher gives a kernel on `device` (a mirror of
+    cuda_rowwise::grid_stride_blocks in csrc/cuda/rowwise.cuh): the blocks the work needs, at most
+    those resident at once (SMs x resident blocks per SM), so never more than one wave."""
+    resident = occupancy(device, threads, registers, smem)["blocks_per_sm"] * DEVICES[device]["sms"]
+    return min(work_blocks, max(resident, 1))
+
+
 def roofline(device: str, dram_bytes: float, tensor_flops: float, fp32_flops: float, blocks: float,
              blocks_per_sm: int) -> dict:
     """Predicted lower bound of one launch's time (seconds) and which term sets it."""

@@ -181,14 +181,17 @@ __global__ void __launch_bounds__(kBlockThreads)
   using L = FastLayout<scalar_t, kThreadsPerRow>;
   using Vec = typename L::Vec;
   __shared__ float reduce_smem[kBlockWarps * 2];
-  // Per-row-group dweight / dbias partials: slot e = group * kGroupSlots + channel (kThreadsPerRow
-  // * kElemsPerThread channel slots per group, >= C) lives at e + e / 32. A thread stores kVec
-  // consecutive channels, so without the padding word after every 32 slots the lanes of a warp
-  // would store kVec words apart (a kVec-way bank conflict; with >= 32 threads per row the
-  // padding makes it conflict-free), while 32 consecutive channels (the reads) stay 32
-  // consecutive words.
-  constexpr int kGroupSlots = kThreadsPerRow * kElemsPerThread;
-  constexpr int kSlots = L::kRowsPerBlock * kGroupSlots;
+  // dweight / dbias partials of the block: row groups narrower than a warp first add their
+  // partials across the warp (xor shuffles, a fixed order), so one partial row per warp, else
+  // one per row group, lands in shared memory. Slot e = partial_row * kRowSlots + channel
+  // (kThreadsPerRow * kElemsPerThread channel slots, >= C) lives at e + e / 32: a thread stores
+  // kVec consecutive channels, so without the padding word after every 32 slots the storing
+  // lanes would hit banks kVec words apart (a kVec-way conflict); with it they hit distinct
+  // banks, while 32 consecutive channels (the reads) stay 32 consecutive words.
+  constexpr bool kGroupInWarp = kThreadsPerRow < kWarpSize;
+  constexpr int kPartialRows = kGroupInWarp ? kBlockWarps : L::kRowsPerBlock;
+  constexpr int kRowSlots = kThreadsPerRow * kElemsPerThread;
+  constexpr int kSlots = kPartialRows * kRowSlots;
   __shared__ float group_partials[kSlots + kSlots / kWarpSize];
   const auto padded_slot = [](int e) { return e + e / kWarpSize; };
 
@@ -267,23 +270,30 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
   }
 
-  // Block partials: the row groups' sums added in group order, one fp32 row per block.
+  // Block partials: the row groups' sums (per warp first when groups are narrower than a warp),
+  // then the partial rows added in order, one fp32 row per block.
+  const int partial_row = kGroupInWarp ? static_cast<int>(threadIdx.x / kWarpSize) : group;
+  const bool stores = !kGroupInWarp || static_cast<int>(threadIdx.x % kWarpSize) < kThreadsPerRow;
   for (int which = 0; which < 2; ++which) {
     float* partial = which == 0 ? partial_weight : partial_bias;
 #pragma unroll
     for (int i = 0; i < L::kVecsPerThread; ++i) {
 #pragma unroll
       for (int j = 0; j < L::kVec; ++j) {
+        float v = which == 0 ? dweight[i][j] : dbias[i][j];
+#pragma unroll
+        for (int offset = kThreadsPerRow; offset < kWarpSize; offset *= 2) {
+          v += __shfl_xor_sync(cuda_rowwise::kFullMask, v, offset);
+        }
         const int channel = L::vector_index(i, lane) * L::kVec + j;
-        group_partials[padded_slot(group * kGroupSlots + channel)] =
-            which == 0 ? dweight[i][j] : dbias[i][j];
+        if (stores) group_partials[padded_slot(partial_row * kRowSlots + channel)] = v;
       }
     }
     __syncthreads();
     for (int c = threadIdx.x; c < channels; c += kBlockThreads) {
       float total = 0.f;
-      for (int g = 0; g < L::kRowsPerBlock; ++g) {
-        total += group_partials[padded_slot(g * kGroupSlots + c)];
+      for (int g = 0; g < kPartialRows; ++g) {
+        total += group_partials[padded_slot(g * kRowSlots + c)];
       }
       partial[static_cast<int64_t>(blockIdx.x) * channels + c] = total;
     }

@@ -144,8 +144,11 @@ CASES = {
     "linear_attention_fp16_d160": lambda: emu_profile.run_linear_attention(torch.float16, 160, 128),
     "linear_attention_fp32_d40": lambda: emu_profile.run_linear_attention(torch.float32, 40, 128),
     "layer_norm_fp16_c320": lambda: emu_profile.run_layer_norm(torch.float16, 320, 64),
+    "layer_norm_fp16_c40": lambda: emu_profile.run_layer_norm(torch.float16, 40, 256),
+    "layer_norm_fp32_c80": lambda: emu_profile.run_layer_norm(torch.float32, 80, 128),
     "layer_norm_fp32_c37_generic": lambda: emu_profile.run_layer_norm(torch.float32, 37, 32),
     "merge_segments_fp16": lambda: emu_profile.run_merge(torch.float16, 4),
+    "merge_segments_fp16_planned": lambda: emu_profile.run_merge(torch.float16, 258, channels=64, length=9),
 }
 # Per launch: at least the budget's efficiencies, at most its conflict ways and DRAM bytes.
 FLOORS = ("global_load_efficiency", "global_store_efficiency")

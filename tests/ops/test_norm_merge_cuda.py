@@ -234,8 +234,9 @@ def _merge_inputs(device, segments, length, channels, prompts, max_tokens, dtype
 
 
 def merge_sample_inputs(device, dtype):
-    """Odd sizes: C = 1, 33, 768, 2048; S from 1 to 300; every token dropped; a budget smaller
-    than one segment; a prompt without segments; (C,) and (T, C) pads."""
+    """Odd sizes: C = 1, 33, 768, 2048; S from 1 to 300; L of 5 to 77 tokens (64: whole warps);
+    every token dropped; a budget smaller than one segment; prompts without segments (260
+    prompts: more than the copy blocks plan themselves); (C,) and (T, C) pads."""
     yield _merge_inputs(device, 1, 5, 1, 1, 3, dtype, seed=1)
     yield _merge_inputs(device, 7, 77, 33, 3, 100, dtype, seed=2, pad_per_slot=True)
     yield _merge_inputs(device, 12, 77, 768, 2, 240, dtype, seed=3, shuffle=False)
@@ -244,6 +245,8 @@ def merge_sample_inputs(device, dtype):
     yield _merge_inputs(device, 10, 77, 768, 3, 20, dtype, seed=6, keep_fraction=0.0)  # every token dropped
     yield _merge_inputs(device, 6, 77, 64, 2, 5, dtype, seed=7, keep_fraction=1.0)  # budget < one segment
     yield _merge_inputs(device, 3, 40, 80, 5, 64, dtype, seed=8)  # some prompts have no segment
+    yield _merge_inputs(device, 9, 64, 24, 4, 150, dtype, seed=9)  # L a multiple of the warp
+    yield _merge_inputs(device, 5, 33, 8, 260, 40, dtype, seed=10)  # > 256 prompts: the plan kernel
 
 
 @GRID_BACKENDS
@@ -351,18 +354,23 @@ def test_merge_out_of_range_segment_id_asserts(backend):
 
 
 @only("emu")
-def test_merge_out_of_range_segment_id_raises_under_emulation(backend):
-    """Emulated, the plan kernel's device assert is a RuntimeError naming the kernel, its source
-    line, the block and the thread, raised by the op itself; the emulator stays usable."""
-    embeds = torch.randn(3, 4, 8)
-    keep = torch.ones(3, 4, dtype=torch.bool)
+@pytest.mark.parametrize("segments,planner", [(3, "merge_segments_fused_kernel"),
+                                              (300, "merge_segments_plan_kernel")])
+def test_merge_out_of_range_segment_id_raises_under_emulation(backend, segments, planner):
+    """Emulated, the device assert of the kernel that plans (the fused copy kernel for a few
+    segments, the plan kernel for many) is a RuntimeError naming the kernel, its source line, the
+    block and the thread, raised by the op itself; the emulator stays usable."""
+    embeds = torch.randn(segments, 4, 8)
+    keep = torch.ones(segments, 4, dtype=torch.bool)
     pad = torch.zeros(8)
+    bad = torch.arange(segments) % 2
+    bad[1] = 5
     with pytest.raises(RuntimeError, match="segment_ids must be in") as info:
-        backend.ops.merge_segments(embeds, keep, torch.tensor([0, 5, 1]), 2, 6, pad)
+        backend.ops.merge_segments(embeds, keep, bad, 2, 6, pad)
     message = str(info.value)
-    for part in ("merge_segments_plan_kernel", "merge_segments.cu:", "block", "thread"):
+    for part in (planner, "merge_segments.cu:", "block", "thread"):
         assert part in message, f"{part!r} missing from: {message}"
-    ids = torch.tensor([0, 1, 1])
+    ids = torch.arange(segments) % 2
     merged, lengths = backend.ops.merge_segments(embeds, keep, ids, 2, 6, pad)
     ref_merged, ref_lengths = reference.merge_segments(embeds, keep, ids, 2, 6, pad)
     assert torch.equal(merged, ref_merged) and torch.equal(lengths, ref_lengths)
@@ -415,9 +423,38 @@ def test_merge_copy_unit_path(backend):
         kernels = launched(lambda: backend.ops.merge_segments(embeds, keep, ids, prompts, tokens, pad))
         kernels += launched(lambda: backend.ops.merge_segments_backward(
             merged, keep, ids, lengths, False))
-        for kernel in ("merge_segments_kernel", "merge_segments_gather_grad_kernel"):
+        for kernel in ("merge_segments_fused_kernel", "merge_segments_fused_gather_grad_kernel"):
             units = [unit_bytes[u] for u in _template_args(kernels, kernel)]
             assert units == [want], f"{dtype}, C = {channels}, {kernel}: {kernels}"
+
+
+@only("emu")
+@pytest.mark.parametrize("segments,length,prompts,fused", [
+    (256, 9, 2, True), (5, 9, 256, True), (212, 77, 3, True), (257, 9, 2, False), (5, 9, 257, False),
+    (213, 77, 3, False)])
+def test_merge_plan_path(backend, segments, length, prompts, fused):
+    """Up to 256 segments, 256 prompts and 16 KB of keep mask (212 CLIP segments) each copy block
+    plans in shared memory (one launch for the forward, one for the gather of the backward, before
+    the pad gradient); beyond, the plan kernel writes the slots first. Both give the reference's
+    result."""
+    embeds, keep, ids, prompts, tokens, pad = _merge_inputs(backend.device, segments, length, 8, prompts,
+                                                            40, torch.float32, seed=11)
+    if length == 77:  # a keep mask at an odd address: the byte-wise staging
+        keep = torch.zeros(segments * length + 1, dtype=torch.bool, device=keep.device)[1:].view(segments, length).copy_(keep)
+    merged, lengths = backend.ops.merge_segments(embeds, keep, ids, prompts, tokens, pad)
+    ref_merged, ref_lengths = reference.merge_segments(embeds, keep, ids, prompts, tokens, pad)
+    assert torch.equal(merged, ref_merged) and torch.equal(lengths, ref_lengths)
+    forward = launched(lambda: backend.ops.merge_segments(embeds, keep, ids, prompts, tokens, pad))
+    backward = launched(lambda: backend.ops.merge_segments_backward(merged, keep, ids, lengths, False))
+    short = [[name.split("<")[0].split("::")[-1] for name in names] for names in (forward, backward)]
+    if fused:
+        assert short == [["merge_segments_fused_kernel"],
+                         ["merge_segments_fused_gather_grad_kernel", "merge_segments_pad_grad_kernel",
+                          "column_sum_kernel"]], short
+    else:
+        assert short == [["merge_segments_plan_kernel", "merge_segments_kernel"],
+                         ["merge_segments_plan_kernel", "merge_segments_gather_grad_kernel",
+                          "merge_segments_pad_grad_kernel", "column_sum_kernel"]], short
 
 
 @only("emu-1sm")
