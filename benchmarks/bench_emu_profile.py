@@ -52,8 +52,8 @@ def target_splits(kernel, n, bh, d, sms):
     if "partial_generic" in kernel:
         tiles = math.ceil(d / 64) ** 2
         return ep.split_count(n, bh * tiles, 32, sms) * tiles
-    if "generic_kernel" in kernel:  # per-token generic kernels: one block per 16 tokens
-        return math.ceil(n / 16)
+    if "generic_kernel" in kernel:  # per-token generic kernels: splits of whole 16-token tiles
+        return ep.split_count(n, bh, 16, sms)
     raise KeyError(kernel)
 
 
@@ -101,8 +101,10 @@ def fit(runs, bh):
 
 def analytic_fp32_flops(kernel, n, bh, d):
     """FLOPs of the SIMT (generic) kernels, which the emulator does not count: 2 per
-    multiply-add of their D x D products."""
-    per = {"partial_generic": 2, "apply_generic": 2, "apply_backward_generic": 4, "state_backward_generic": 4}
+    multiply-add of their D x D products (the apply backward: S do_t, and with the fused
+    reduction, template argument true, also dS += a_t do_t^T)."""
+    per = {"partial_generic": 2, "apply_generic": 2, "state_backward_generic": 4,
+           "apply_backward_generic": 4 if kernel.endswith(", true>") else 2}
     for key, factor in per.items():
         if f"{key}_kernel" in kernel:
             return factor * n * d * d * bh

@@ -143,6 +143,10 @@ CASES = {
     "linear_attention_fp16_d80": lambda: emu_profile.run_linear_attention(torch.float16, 80, 256),
     "linear_attention_fp16_d160": lambda: emu_profile.run_linear_attention(torch.float16, 160, 128),
     "linear_attention_fp32_d40": lambda: emu_profile.run_linear_attention(torch.float32, 40, 128),
+    # The generic apply backward with its dS / dz sums in shared memory over 3 x 3 accumulator
+    # tiles, and without them (256 x 256 does not fit): the partial kernel with scratch weights.
+    "linear_attention_fp32_d160": lambda: emu_profile.run_linear_attention(torch.float32, 160, 32),
+    "linear_attention_fp32_d256": lambda: emu_profile.run_linear_attention(torch.float32, 256, 16),
     "layer_norm_fp16_c320": lambda: emu_profile.run_layer_norm(torch.float16, 320, 64),
     "layer_norm_fp16_c40": lambda: emu_profile.run_layer_norm(torch.float16, 40, 256),
     "layer_norm_fp32_c80": lambda: emu_profile.run_layer_norm(torch.float32, 80, 128),
