@@ -439,6 +439,25 @@ __device__ inline void accumulate_matrix_rows(const acc_t* matrix, const acc_t* 
   }
 }
 
+// out_y[n0 + t][j] = scale_t * sum_d s_rows[t * dk + d] * matrix[d][j] for the tile's tokens
+// (scale_t = s_scale[t], or 1 when s_scale is nullptr); matrix: dk x dv, row-major, acc_t. Lanes
+// take consecutive j: coalesced reads of matrix and stores of out_y.
+template <typename scalar_t, typename acc_t, int TOK>
+__device__ inline void store_rows_times_matrix(const TokenArgs<scalar_t, acc_t>& args,
+                                               const TokenTile& tile, const acc_t* s_rows,
+                                               const acc_t* matrix, const acc_t* s_scale) {
+  const int dk = args.dk, dv = args.dv;
+  for (int idx = threadIdx.x; idx < TOK * dv; idx += blockDim.x) {
+    const int t = idx / dv, j = idx % dv;
+    const int64_t n = tile.n0 + t;
+    if (n >= args.tokens) continue;
+    acc_t sum = 0;
+    for (int d = 0; d < dk; ++d) sum += s_rows[t * dk + d] * matrix[int64_t(d) * dv + j];
+    if (s_scale != nullptr) sum *= s_scale[t];
+    args.out_y[args.out_y_layout.offset(tile.b, n, tile.h) + j] = static_cast<scalar_t>(sum);
+  }
+}
+
 // Pass 2: o_t = phi(q_t)^T S / (phi(q_t) . z + eps). grid.x = (batch*heads) * split.count.
 template <typename scalar_t, typename acc_t, FeatureMap F>
 __global__ void __launch_bounds__(kGenericThreads) linear_attention_apply_generic_kernel(
@@ -453,15 +472,7 @@ __global__ void __launch_bounds__(kGenericThreads) linear_attention_apply_generi
     __syncthreads();  // the previous tile's readers of s_fq and s_inv_den are done
     const TokenTile tile{range.bh, range.b, range.h, n0};
     load_phi_and_denominator<scalar_t, acc_t, F, TOK>(args, tile, s_fq, s_inv_den);
-    for (int idx = threadIdx.x; idx < TOK * dv; idx += blockDim.x) {
-      const int t = idx / dv, j = idx % dv;
-      const int64_t n = n0 + t;
-      if (n >= args.tokens) continue;
-      acc_t num = 0;
-      for (int d = 0; d < dk; ++d) num += s_fq[t * dk + d] * S[int64_t(d) * dv + j];
-      args.out_y[args.out_y_layout.offset(tile.b, n, tile.h) + j] =
-          static_cast<scalar_t>(num * s_inv_den[t]);
-    }
+    store_rows_times_matrix<scalar_t, acc_t, TOK>(args, tile, s_fq, S, s_inv_den);
   }
 }
 
@@ -682,14 +693,7 @@ __global__ void __launch_bounds__(kGenericThreads) linear_attention_state_backwa
       s_v[idx] = value;
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < TOK * dv; idx += blockDim.x) {
-      const int t = idx / dv, j = idx % dv;
-      const int64_t n = n0 + t;
-      if (n >= args.tokens) continue;
-      acc_t grad = 0;
-      for (int d = 0; d < dk; ++d) grad += s_fk[t * dk + d] * dS[int64_t(d) * dv + j];
-      args.out_y[args.out_y_layout.offset(tile.b, n, tile.h) + j] = static_cast<scalar_t>(grad);
-    }
+    store_rows_times_matrix<scalar_t, acc_t, TOK>(args, tile, s_fk, dS, nullptr);
     __syncthreads();  // s_fk's readers are done: (dS v_t + dz)[d] / n accumulates there
     acc_t* s_dfk = s_fk;
     for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) {
