@@ -175,8 +175,8 @@ template <typename scalar_t, typename acc_t>
 Partials partials_generic(PartialArgs<scalar_t, acc_t> args, FeatureMap feature_map,
                           RowWeights weights, const at::TensorOptions& acc_opts,
                           cudaStream_t stream) {
-  const int64_t tiles = int64_t((args.dx + kOuterTile - 1) / kOuterTile) *
-                        ((args.dy + kOuterTile - 1) / kOuterTile);
+  const int micro = outer_micro(args.dx, args.dy);
+  const int64_t tiles = int64_t(outer_tiles(args.dx, micro)) * outer_tiles(args.dy, micro);
   args.split = split_tokens(args.split.tokens, args.batch_heads * tiles, kOuterTokens);
   args.ld_x = args.dx;
   args.ld_y = args.dy;

@@ -197,38 +197,53 @@ constexpr int generic_tokens() {
   return sizeof(acc_t) == 8 ? 8 : 16;
 }
 
-// Split-N outer-product partials. Each block computes a kOuterTile x kOuterTile tile (rows of x,
-// columns of y) of one split of one (batch*head); each thread a 4 x 4 micro tile whose rows and
-// columns are strided by 16 so that a warp reads consecutive shared-memory words.
+// Split-N outer-product partials. Each block computes a T x T tile (rows of x, columns of y) of
+// one split of one (batch*head), T = 16 M; each thread an M x M micro tile whose rows and columns
+// are strided by 16 so that a warp reads consecutive shared-memory words. M (3, 4 or 5) is the
+// one whose tiles pad dx x dy the least (outer_micro): every multiply-add of a tile runs, zeros
+// included, so 64-wide tiles would cost 2.56 x the products at D = 40 and D = 80.
 // grid.x = (batch * heads) * splits * tiles_x * tiles_y.
-constexpr int kOuterTile = 64;
-constexpr int kOuterMicro = 4;
+constexpr int kOuterMaxMicro = 5;
+constexpr int kOuterMaxTile = 16 * kOuterMaxMicro;
 constexpr int kOuterTokens = 32;
-static_assert(kOuterTile == 16 * kOuterMicro, "a 16 x 16 thread grid covers the tile");
 static_assert(kGenericThreads == 16 * 16, "one thread per (row, column) of the 16 x 16 grid");
 
-template <typename scalar_t, typename acc_t, FeatureMap F, RowWeights W>
-__global__ void __launch_bounds__(kGenericThreads) linear_attention_partial_generic_kernel(
-    PartialArgs<scalar_t, acc_t> args) {
-  __shared__ acc_t s_a[kOuterTokens][kOuterTile];  // phi(x_t) w_t, tile columns
-  __shared__ acc_t s_b[kOuterTokens][kOuterTile];  // y_t, tile columns
-  __shared__ acc_t s_w[kOuterTokens];              // w_t
-  __shared__ acc_t s_c[kOuterTokens];              // c_t
+__host__ __device__ inline int64_t outer_padded_cells(int dx, int dy, int micro) {
+  const int tile = 16 * micro;
+  return int64_t((dx + tile - 1) / tile * tile) * ((dy + tile - 1) / tile * tile);
+}
 
-  const int tiles_x = (args.dx + kOuterTile - 1) / kOuterTile;
-  const int tiles_y = (args.dy + kOuterTile - 1) / kOuterTile;
+// The micro tile size of the generic outer products of a dx x dy matrix: the least padded cells,
+// ties to the larger tile (D = 17..48: 3, 49..64: 4, 65..80: 5, 160: 5, 256: 4).
+__host__ __device__ inline int outer_micro(int dx, int dy) {
+  int best = kOuterMaxMicro;
+  for (int micro = kOuterMaxMicro - 1; micro >= 3; --micro) {
+    if (outer_padded_cells(dx, dy, micro) < outer_padded_cells(dx, dy, best)) best = micro;
+  }
+  return best;
+}
+
+__host__ __device__ inline int outer_tiles(int d, int micro) {
+  return (d + 16 * micro - 1) / (16 * micro);
+}
+
+template <typename scalar_t, typename acc_t, FeatureMap F, RowWeights W, int M>
+__device__ inline void partial_generic_tile(const PartialArgs<scalar_t, acc_t>& args,
+                                            acc_t* s_a, acc_t* s_b, acc_t* s_w, acc_t* s_c) {
+  constexpr int T = 16 * M;
+  const int tiles_x = outer_tiles(args.dx, M), tiles_y = outer_tiles(args.dy, M);
   const BlockCoords coords = split_block_index(int64_t(tiles_x) * tiles_y);
   const int tile_x = static_cast<int>(coords.inner / tiles_y);
   const int tile_y = static_cast<int>(coords.inner % tiles_y);
   const int64_t bh = coords.outer / args.split.count;
   const int64_t s = coords.outer % args.split.count;
   const int64_t b = bh / args.heads, h = bh % args.heads;
-  const int x0 = tile_x * kOuterTile, y0 = tile_y * kOuterTile;
+  const int x0 = tile_x * T, y0 = tile_y * T;
   const int tid = threadIdx.x;
   const int row = tid / 16, col = tid % 16;
 
-  acc_t acc[kOuterMicro][kOuterMicro] = {};
-  acc_t sum_acc = 0;  // partial_sum[x0 + tid], tile_y == 0 and tid < kOuterTile only
+  acc_t acc[M][M] = {};
+  acc_t sum_acc = 0;  // partial_sum[x0 + tid], tile_y == 0 and tid < T only
   const int64_t begin = args.split.begin(s), end = args.split.end(s);
   for (int64_t n0 = begin; n0 < end; n0 += kOuterTokens) {
     __syncthreads();  // the previous tile's readers are done
@@ -242,12 +257,10 @@ __global__ void __launch_bounds__(kGenericThreads) linear_attention_partial_gene
       s_c[tid] = c;
     }
     __syncthreads();
-    // Thread tid loads column tid % 64 of rows tid / 64, tid / 64 + 4, ...: coalesced rows.
-    constexpr int kRowStep = kGenericThreads / kOuterTile;
-    static_assert(kOuterTokens % kRowStep == 0, "rows split evenly across the threads");
-#pragma unroll
-    for (int t = tid / kOuterTile; t < kOuterTokens; t += kRowStep) {
-      const int column = tid % kOuterTile;
+    // s_a, s_b: kOuterTokens x T, token-major; consecutive threads load consecutive columns of a
+    // token's row (coalesced), rows one after another.
+    for (int idx = tid; idx < kOuterTokens * T; idx += kGenericThreads) {
+      const int t = idx / T, column = idx % T;
       const int64_t n = n0 + t;
       acc_t a = 0, yv = 0;
       if (n < end && s_w[t] != acc_t(0)) {
@@ -260,40 +273,60 @@ __global__ void __launch_bounds__(kGenericThreads) linear_attention_partial_gene
           yv = static_cast<acc_t>(args.y[args.y_layout.offset(b, n, h) + y0 + column]);
         }
       }
-      s_a[t][column] = a;
-      s_b[t][column] = yv;
+      s_a[idx] = a;
+      s_b[idx] = yv;
     }
     __syncthreads();
     const int tile_tokens = static_cast<int>(end - n0 < kOuterTokens ? end - n0 : kOuterTokens);
     for (int t = 0; t < tile_tokens; ++t) {
-      acc_t av[kOuterMicro], bv[kOuterMicro];
+      acc_t av[M], bv[M];
 #pragma unroll
-      for (int m = 0; m < kOuterMicro; ++m) {
-        av[m] = s_a[t][row + 16 * m];
-        bv[m] = s_b[t][col + 16 * m];
+      for (int m = 0; m < M; ++m) {
+        av[m] = s_a[t * T + row + 16 * m];
+        bv[m] = s_b[t * T + col + 16 * m];
       }
 #pragma unroll
-      for (int m = 0; m < kOuterMicro; ++m) {
+      for (int m = 0; m < M; ++m) {
 #pragma unroll
-        for (int k = 0; k < kOuterMicro; ++k) acc[m][k] += av[m] * bv[k];
+        for (int k = 0; k < M; ++k) acc[m][k] += av[m] * bv[k];
       }
     }
-    if (tile_y == 0 && tid < kOuterTile) {
-      for (int t = 0; t < tile_tokens; ++t) sum_acc += s_a[t][tid] * s_c[t];
+    if (tile_y == 0 && tid < T) {
+      for (int t = 0; t < tile_tokens; ++t) sum_acc += s_a[t * T + tid] * s_c[t];
     }
   }
 
   const int64_t base = partial_offset(bh, s, args.split.count, args.ld_x, args.ld_y);
 #pragma unroll
-  for (int m = 0; m < kOuterMicro; ++m) {
+  for (int m = 0; m < M; ++m) {
 #pragma unroll
-    for (int k = 0; k < kOuterMicro; ++k) {
+    for (int k = 0; k < M; ++k) {
       const int i = x0 + row + 16 * m, j = y0 + col + 16 * k;
       if (i < args.dx && j < args.dy) args.partial_outer[base + int64_t(i) * args.ld_y + j] = acc[m][k];
     }
   }
-  if (tile_y == 0 && tid < kOuterTile && x0 + tid < args.dx) {
+  if (tile_y == 0 && tid < T && x0 + tid < args.dx) {
     args.partial_sum[partial_offset(bh, s, args.split.count, 1, args.ld_x) + x0 + tid] = sum_acc;
+  }
+}
+
+template <typename scalar_t, typename acc_t, FeatureMap F, RowWeights W>
+__global__ void __launch_bounds__(kGenericThreads) linear_attention_partial_generic_kernel(
+    PartialArgs<scalar_t, acc_t> args) {
+  __shared__ acc_t s_a[kOuterTokens * kOuterMaxTile];  // phi(x_t) w_t, tile columns
+  __shared__ acc_t s_b[kOuterTokens * kOuterMaxTile];  // y_t, tile columns
+  __shared__ acc_t s_w[kOuterTokens];                  // w_t
+  __shared__ acc_t s_c[kOuterTokens];                  // c_t
+  switch (outer_micro(args.dx, args.dy)) {
+    case 3:
+      partial_generic_tile<scalar_t, acc_t, F, W, 3>(args, s_a, s_b, s_w, s_c);
+      break;
+    case 4:
+      partial_generic_tile<scalar_t, acc_t, F, W, 4>(args, s_a, s_b, s_w, s_c);
+      break;
+    default:
+      partial_generic_tile<scalar_t, acc_t, F, W, 5>(args, s_a, s_b, s_w, s_c);
+      break;
   }
 }
 
@@ -506,42 +539,43 @@ __host__ __device__ inline ApplyBackwardSmem apply_backward_smem(int dk, int dv,
 }
 
 // s_acc (dk x ld) += sum_t s_a[t]^T s_b[t] over the TOK tokens of a tile (s_a: TOK x dk, s_b:
-// TOK x dv): the dk x dv matrix goes by kOuterTile x kOuterTile tiles, each thread a 4 x 4 micro
-// tile strided by 16 (as linear_attention_partial_generic_kernel), loaded from and stored back
-// to s_acc; every element belongs to one thread, so the tiles need no barrier.
-template <typename acc_t, int TOK>
+// TOK x dv): the dk x dv matrix goes by 16 M x 16 M tiles, M = outer_micro(dk, dv), each thread
+// an M x M micro tile strided by 16 (as linear_attention_partial_generic_kernel), loaded from and
+// stored back to s_acc; every element belongs to one thread, so the tiles need no barrier.
+template <typename acc_t, int TOK, int M>
 __device__ inline void accumulate_outer_tile(const acc_t* s_a, const acc_t* s_b, acc_t* s_acc,
                                              int dk, int dv, int ld) {
+  constexpr int T = 16 * M;
   const int row = threadIdx.x / 16, col = threadIdx.x % 16;
-  for (int x0 = 0; x0 < dk; x0 += kOuterTile) {
-    for (int y0 = 0; y0 < dv; y0 += kOuterTile) {
-      acc_t acc[kOuterMicro][kOuterMicro];
+  for (int x0 = 0; x0 < dk; x0 += T) {
+    for (int y0 = 0; y0 < dv; y0 += T) {
+      acc_t acc[M][M];
 #pragma unroll
-      for (int m = 0; m < kOuterMicro; ++m) {
+      for (int m = 0; m < M; ++m) {
 #pragma unroll
-        for (int k = 0; k < kOuterMicro; ++k) {
+        for (int k = 0; k < M; ++k) {
           const int i = x0 + row + 16 * m, j = y0 + col + 16 * k;
           acc[m][k] = i < dk && j < dv ? s_acc[i * ld + j] : acc_t(0);
         }
       }
       for (int t = 0; t < TOK; ++t) {
-        acc_t av[kOuterMicro], bv[kOuterMicro];
+        acc_t av[M], bv[M];
 #pragma unroll
-        for (int m = 0; m < kOuterMicro; ++m) {
+        for (int m = 0; m < M; ++m) {
           const int i = x0 + row + 16 * m, j = y0 + col + 16 * m;
           av[m] = i < dk ? s_a[t * dk + i] : acc_t(0);
           bv[m] = j < dv ? s_b[t * dv + j] : acc_t(0);
         }
 #pragma unroll
-        for (int m = 0; m < kOuterMicro; ++m) {
+        for (int m = 0; m < M; ++m) {
 #pragma unroll
-          for (int k = 0; k < kOuterMicro; ++k) acc[m][k] += av[m] * bv[k];
+          for (int k = 0; k < M; ++k) acc[m][k] += av[m] * bv[k];
         }
       }
 #pragma unroll
-      for (int m = 0; m < kOuterMicro; ++m) {
+      for (int m = 0; m < M; ++m) {
 #pragma unroll
-        for (int k = 0; k < kOuterMicro; ++k) {
+        for (int k = 0; k < M; ++k) {
           const int i = x0 + row + 16 * m, j = y0 + col + 16 * k;
           if (i < dk && j < dv) s_acc[i * ld + j] = acc[m][k];
         }
@@ -580,6 +614,7 @@ __global__ void __launch_bounds__(kGenericThreads) linear_attention_apply_backwa
   acc_t* const s_acc = words + layout.acc;
   acc_t* const s_dz = words + layout.dz;
   const int ld = apply_backward_acc_ld(dv);
+  const int micro = outer_micro(dk, dv);
   const TokenRange range = token_range(args.split, args.heads);
   const acc_t* S = args.matrix + range.bh * dk * dv;
   const acc_t* z = args.vec + range.bh * dk;
@@ -636,7 +671,17 @@ __global__ void __launch_bounds__(kGenericThreads) linear_attention_apply_backwa
         s_fq[idx] *= s_inv_den[idx / dk];
       }
       __syncthreads();
-      accumulate_outer_tile<acc_t, TOK>(s_fq, s_do, s_acc, dk, dv, ld);
+      switch (micro) {
+        case 3:
+          accumulate_outer_tile<acc_t, TOK, 3>(s_fq, s_do, s_acc, dk, dv, ld);
+          break;
+        case 4:
+          accumulate_outer_tile<acc_t, TOK, 4>(s_fq, s_do, s_acc, dk, dv, ld);
+          break;
+        default:
+          accumulate_outer_tile<acc_t, TOK, 5>(s_fq, s_do, s_acc, dk, dv, ld);
+          break;
+      }
       for (int i = threadIdx.x; i < dk; i += kGenericThreads) {
         acc_t sum = 0;
         for (int t = 0; t < TOK; ++t) sum -= s_fq[t * dk + i] * s_g[t];
