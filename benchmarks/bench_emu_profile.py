@@ -50,10 +50,10 @@ def target_splits(kernel, n, bh, d, sms):
         dp = tc_dim(d)
         return ep.split_count(n, bh, tc_tile(dp), sms, math.ceil(2 * dp / tc_tile(dp)))
     if "partial_generic" in kernel:
-        tiles = math.ceil(d / 64) ** 2
+        tiles = math.ceil(d / outer_tile(d)) ** 2
         return ep.split_count(n, bh * tiles, 32, sms) * tiles
-    if "generic_kernel" in kernel:  # per-token generic kernels: one block per 16 tokens
-        return math.ceil(n / 16)
+    if "generic_kernel" in kernel:  # per-token generic kernels: splits of whole 16-token tiles
+        return ep.split_count(n, bh, 16, sms)
     raise KeyError(kernel)
 
 
@@ -99,13 +99,30 @@ def fit(runs, bh):
     return rows
 
 
+def outer_tile(d):
+    """Tile width 16 M of the generic outer products of a D x D matrix (mirror of outer_micro in
+    csrc/cuda/linear_attention_kernels.cuh): the M in 5, 4, 3 that pads D the least, ties to the
+    larger."""
+    return min((16 * m for m in (5, 4, 3)), key=lambda t: (math.ceil(d / t) * t, -t))
+
+
 def analytic_fp32_flops(kernel, n, bh, d):
-    """FLOPs of the SIMT (generic) kernels, which the emulator does not count: 2 per
-    multiply-add of their D x D products."""
-    per = {"partial_generic": 2, "apply_generic": 2, "apply_backward_generic": 4, "state_backward_generic": 4}
-    for key, factor in per.items():
-        if f"{key}_kernel" in kernel:
-            return factor * n * d * d * bh
+    """FLOPs the SIMT (generic) kernels execute, which the emulator does not count: 2 per
+    multiply-add. Their outer products (the split partials, and the apply backward's dS when it
+    sums them itself: template argument true) run every multiply-add of whole tiles
+    (outer_tile), zeros past D included (D = 40: 48^2 per token); the per-token matrix products
+    (phi(q) S, S do, dS v, dS^T phi(k)) run D^2 exactly."""
+    tile = outer_tile(d)
+    padded = tile * math.ceil(d / tile)
+    outer, exact = 2 * n * bh * padded * padded, 2 * n * bh * d * d
+    if "partial_generic_kernel" in kernel:
+        return outer
+    if "apply_backward_generic_kernel" in kernel:
+        return exact + (outer if kernel.endswith(", true>") else 0)
+    if "state_backward_generic_kernel" in kernel:
+        return 2 * exact
+    if "apply_generic_kernel" in kernel:
+        return exact
     return 0
 
 

@@ -5,10 +5,11 @@
 // four ops (the apply backward fused: dq, dS and dz in one pass over q and grad_out), each op as
 // long as its kernel's shared memory fits the device (sm_86 / sm_89 allow 99 KiB per block, so
 // wide heads fall back there); everything else (fp32, fp64, Dk != Dv, head dims up to 256) runs
-// the generic SIMT kernels, whose apply backward keeps a (B*H, N, 2) scratch of per-token
-// weights. Head dims above 256 are rejected. Every launch goes to the current stream with no host
-// synchronisation; scratch comes from the caching allocator, so the ops can be captured in CUDA
-// graphs.
+// the generic SIMT kernels, whose apply backward also sums dS and dz per split of the tokens in
+// shared memory where they fit (else it keeps a (B*H, N, 2) scratch of per-token weights for a
+// second pass). Head dims above 256 are rejected. Every launch goes to the current stream with no
+// host synchronisation; scratch comes from the caching allocator, so the ops can be captured in
+// CUDA graphs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -174,8 +175,8 @@ template <typename scalar_t, typename acc_t>
 Partials partials_generic(PartialArgs<scalar_t, acc_t> args, FeatureMap feature_map,
                           RowWeights weights, const at::TensorOptions& acc_opts,
                           cudaStream_t stream) {
-  const int64_t tiles = int64_t((args.dx + kOuterTile - 1) / kOuterTile) *
-                        ((args.dy + kOuterTile - 1) / kOuterTile);
+  const int micro = outer_micro(args.dx, args.dy);
+  const int64_t tiles = int64_t(outer_tiles(args.dx, micro)) * outer_tiles(args.dy, micro);
   args.split = split_tokens(args.split.tokens, args.batch_heads * tiles, kOuterTokens);
   args.ld_x = args.dx;
   args.ld_y = args.dy;
@@ -189,14 +190,14 @@ Partials partials_generic(PartialArgs<scalar_t, acc_t> args, FeatureMap feature_
   return p;
 }
 
-// Grid of the generic per-token kernels: one block per TOK tokens of one (batch, head).
+// Split of the tokens for the per-token generic kernels: whole tiles of generic_tokens<acc_t>()
+// tokens, about kBlocksPerSm blocks per SM in all, each block looping over its tiles.
 template <typename acc_t>
-int64_t generic_token_blocks(int64_t batch_heads, int64_t tokens) {
-  constexpr int64_t tok = generic_tokens<acc_t>();
-  return batch_heads * ((tokens + tok - 1) / tok);
+TokenSplit generic_token_split(int64_t tokens, int64_t batch_heads) {
+  return split_tokens(tokens, batch_heads, generic_tokens<acc_t>());
 }
 
-enum class TokenKernel { kApply, kApplyBackward, kStateBackward };
+enum class TokenKernel { kApply, kStateBackward };
 
 template <typename scalar_t, typename acc_t, TokenKernel K>
 struct TokenGenericByFeatureMap {
@@ -204,17 +205,42 @@ struct TokenGenericByFeatureMap {
   cudaStream_t stream;
   template <FeatureMap F>
   void operator()() const {
-    const unsigned blocks = grid_size(generic_token_blocks<acc_t>(args.batch_heads, args.tokens));
+    const unsigned blocks = grid_size(args.batch_heads * args.split.count);
     if constexpr (K == TokenKernel::kApply) {
       launch_kernel(linear_attention_apply_generic_kernel<scalar_t, acc_t, F>, blocks,
-                    kGenericThreads, 0, stream, args);
-    } else if constexpr (K == TokenKernel::kApplyBackward) {
-      launch_kernel(linear_attention_apply_backward_generic_kernel<scalar_t, acc_t, F>, blocks,
                     kGenericThreads, 0, stream, args);
     } else {
       launch_kernel(linear_attention_state_backward_generic_kernel<scalar_t, acc_t, F>, blocks,
                     kGenericThreads, 0, stream, args);
     }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+// Dynamic shared memory (bytes) of the generic apply backward, with or without the fused dS / dz
+// reduction.
+template <typename acc_t>
+size_t apply_backward_generic_smem(int dk, int dv, bool reduce) {
+  return static_cast<size_t>(apply_backward_smem<acc_t>(dk, dv, reduce).words) * sizeof(acc_t);
+}
+
+template <typename scalar_t, typename acc_t, bool kReduce>
+struct ApplyBackwardGenericByFeatureMap {
+  const TokenArgs<scalar_t, acc_t>& args;
+  acc_t* partial_outer;  // kReduce: (B*H, splits, dk, dv)
+  acc_t* partial_sum;    // kReduce: (B*H, splits, dk)
+  cudaStream_t stream;
+  template <FeatureMap F>
+  void operator()() const {
+    const auto kernel = linear_attention_apply_backward_generic_kernel<scalar_t, acc_t, F, kReduce>;
+    const size_t smem = apply_backward_generic_smem<acc_t>(args.dk, args.dv, kReduce);
+    // Above the 48 KiB default a kernel opts in (a function attribute: allowed in graph capture).
+    if (smem > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    }
+    launch_kernel(kernel, grid_size(args.batch_heads * args.split.count), kGenericThreads, smem,
+                  stream, args, partial_outer, partial_sum);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
@@ -264,6 +290,7 @@ void launch_apply(TokenArgs<scalar_t, acc_t>& args, FeatureMap feature_map, int 
       return;
     }
   }
+  args.split = generic_token_split<acc_t>(args.tokens, args.batch_heads);
   dispatch_feature_map(feature_map,
                        TokenGenericByFeatureMap<scalar_t, acc_t, TokenKernel::kApply>{args, stream});
 }
@@ -286,14 +313,26 @@ void launch_apply_backward(TokenArgs<scalar_t, acc_t>& args, FeatureMap feature_
       return;
     }
   }
-  // Generic: a per-token kernel writes grad_q and (1/den_t, -(o_t . do_t)), the row weights of
-  // the dS / dz reduction, to a (B*H, N, 2) scratch.
+  // Generic: one pass over q and grad_out writes grad_q and the split partials of dS and dz where
+  // their accumulators fit the device's shared memory; otherwise it writes (1/den_t,
+  // -(o_t . do_t)), the row weights of the dS / dz reduction, to a (B*H, N, 2) scratch that the
+  // partial kernel reads with q and grad_out again.
+  args.split = generic_token_split<acc_t>(args.tokens, args.batch_heads);
+  const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  if (apply_backward_generic_smem<acc_t>(args.dk, args.dv, true) <= optin) {
+    const Partials p = make_partials(grad_state.options(), args.batch_heads, args.heads, args.split,
+                                     args.dk, args.dv, args.dk, args.dv);
+    dispatch_feature_map(feature_map, ApplyBackwardGenericByFeatureMap<scalar_t, acc_t, true>{
+                                          args, p.outer.data_ptr<acc_t>(),
+                                          p.sum.data_ptr<acc_t>(), stream});
+    reduce_partials<acc_t>(p, grad_state, grad_key_mean, nullptr, false, stream);
+    return;
+  }
   at::Tensor row_scratch =
       at::empty({args.batch_heads, args.tokens, 2}, grad_state.options());
   args.row_scratch = row_scratch.data_ptr<acc_t>();
-  dispatch_feature_map(
-      feature_map,
-      TokenGenericByFeatureMap<scalar_t, acc_t, TokenKernel::kApplyBackward>{args, stream});
+  dispatch_feature_map(feature_map, ApplyBackwardGenericByFeatureMap<scalar_t, acc_t, false>{
+                                        args, nullptr, nullptr, stream});
   PartialArgs<scalar_t, acc_t> reduce{};
   reduce.x = args.x;
   reduce.x_layout = args.x_layout;
@@ -342,6 +381,7 @@ void launch_state_backward(TokenArgs<scalar_t, acc_t>& args, FeatureMap feature_
       return;
     }
   }
+  args.split = generic_token_split<acc_t>(args.tokens, args.batch_heads);
   dispatch_feature_map(
       feature_map,
       TokenGenericByFeatureMap<scalar_t, acc_t, TokenKernel::kStateBackward>{args, stream});

@@ -197,38 +197,53 @@ constexpr int generic_tokens() {
   return sizeof(acc_t) == 8 ? 8 : 16;
 }
 
-// Split-N outer-product partials. Each block computes a kOuterTile x kOuterTile tile (rows of x,
-// columns of y) of one split of one (batch*head); each thread a 4 x 4 micro tile whose rows and
-// columns are strided by 16 so that a warp reads consecutive shared-memory words.
+// Split-N outer-product partials. Each block computes a T x T tile (rows of x, columns of y) of
+// one split of one (batch*head), T = 16 M; each thread an M x M micro tile whose rows and columns
+// are strided by 16 so that a warp reads consecutive shared-memory words. M (3, 4 or 5) is the
+// one whose tiles pad dx x dy the least (outer_micro): every multiply-add of a tile runs, zeros
+// included, so 64-wide tiles would cost 2.56 x the products at D = 40 and D = 80.
 // grid.x = (batch * heads) * splits * tiles_x * tiles_y.
-constexpr int kOuterTile = 64;
-constexpr int kOuterMicro = 4;
+constexpr int kOuterMaxMicro = 5;
+constexpr int kOuterMaxTile = 16 * kOuterMaxMicro;
 constexpr int kOuterTokens = 32;
-static_assert(kOuterTile == 16 * kOuterMicro, "a 16 x 16 thread grid covers the tile");
 static_assert(kGenericThreads == 16 * 16, "one thread per (row, column) of the 16 x 16 grid");
 
-template <typename scalar_t, typename acc_t, FeatureMap F, RowWeights W>
-__global__ void __launch_bounds__(kGenericThreads) linear_attention_partial_generic_kernel(
-    PartialArgs<scalar_t, acc_t> args) {
-  __shared__ acc_t s_a[kOuterTokens][kOuterTile];  // phi(x_t) w_t, tile columns
-  __shared__ acc_t s_b[kOuterTokens][kOuterTile];  // y_t, tile columns
-  __shared__ acc_t s_w[kOuterTokens];              // w_t
-  __shared__ acc_t s_c[kOuterTokens];              // c_t
+__host__ __device__ inline int64_t outer_padded_cells(int dx, int dy, int micro) {
+  const int tile = 16 * micro;
+  return int64_t((dx + tile - 1) / tile * tile) * ((dy + tile - 1) / tile * tile);
+}
 
-  const int tiles_x = (args.dx + kOuterTile - 1) / kOuterTile;
-  const int tiles_y = (args.dy + kOuterTile - 1) / kOuterTile;
+// The micro tile size of the generic outer products of a dx x dy matrix: the least padded cells,
+// ties to the larger tile (D = 17..48: 3, 49..64: 4, 65..80: 5, 160: 5, 256: 4).
+__host__ __device__ inline int outer_micro(int dx, int dy) {
+  int best = kOuterMaxMicro;
+  for (int micro = kOuterMaxMicro - 1; micro >= 3; --micro) {
+    if (outer_padded_cells(dx, dy, micro) < outer_padded_cells(dx, dy, best)) best = micro;
+  }
+  return best;
+}
+
+__host__ __device__ inline int outer_tiles(int d, int micro) {
+  return (d + 16 * micro - 1) / (16 * micro);
+}
+
+template <typename scalar_t, typename acc_t, FeatureMap F, RowWeights W, int M>
+__device__ inline void partial_generic_tile(const PartialArgs<scalar_t, acc_t>& args,
+                                            acc_t* s_a, acc_t* s_b, acc_t* s_w, acc_t* s_c) {
+  constexpr int T = 16 * M;
+  const int tiles_x = outer_tiles(args.dx, M), tiles_y = outer_tiles(args.dy, M);
   const BlockCoords coords = split_block_index(int64_t(tiles_x) * tiles_y);
   const int tile_x = static_cast<int>(coords.inner / tiles_y);
   const int tile_y = static_cast<int>(coords.inner % tiles_y);
   const int64_t bh = coords.outer / args.split.count;
   const int64_t s = coords.outer % args.split.count;
   const int64_t b = bh / args.heads, h = bh % args.heads;
-  const int x0 = tile_x * kOuterTile, y0 = tile_y * kOuterTile;
+  const int x0 = tile_x * T, y0 = tile_y * T;
   const int tid = threadIdx.x;
   const int row = tid / 16, col = tid % 16;
 
-  acc_t acc[kOuterMicro][kOuterMicro] = {};
-  acc_t sum_acc = 0;  // partial_sum[x0 + tid], tile_y == 0 and tid < kOuterTile only
+  acc_t acc[M][M] = {};
+  acc_t sum_acc = 0;  // partial_sum[x0 + tid], tile_y == 0 and tid < T only
   const int64_t begin = args.split.begin(s), end = args.split.end(s);
   for (int64_t n0 = begin; n0 < end; n0 += kOuterTokens) {
     __syncthreads();  // the previous tile's readers are done
@@ -242,12 +257,10 @@ __global__ void __launch_bounds__(kGenericThreads) linear_attention_partial_gene
       s_c[tid] = c;
     }
     __syncthreads();
-    // Thread tid loads column tid % 64 of rows tid / 64, tid / 64 + 4, ...: coalesced rows.
-    constexpr int kRowStep = kGenericThreads / kOuterTile;
-    static_assert(kOuterTokens % kRowStep == 0, "rows split evenly across the threads");
-#pragma unroll
-    for (int t = tid / kOuterTile; t < kOuterTokens; t += kRowStep) {
-      const int column = tid % kOuterTile;
+    // s_a, s_b: kOuterTokens x T, token-major; consecutive threads load consecutive columns of a
+    // token's row (coalesced), rows one after another.
+    for (int idx = tid; idx < kOuterTokens * T; idx += kGenericThreads) {
+      const int t = idx / T, column = idx % T;
       const int64_t n = n0 + t;
       acc_t a = 0, yv = 0;
       if (n < end && s_w[t] != acc_t(0)) {
@@ -260,40 +273,60 @@ __global__ void __launch_bounds__(kGenericThreads) linear_attention_partial_gene
           yv = static_cast<acc_t>(args.y[args.y_layout.offset(b, n, h) + y0 + column]);
         }
       }
-      s_a[t][column] = a;
-      s_b[t][column] = yv;
+      s_a[idx] = a;
+      s_b[idx] = yv;
     }
     __syncthreads();
     const int tile_tokens = static_cast<int>(end - n0 < kOuterTokens ? end - n0 : kOuterTokens);
     for (int t = 0; t < tile_tokens; ++t) {
-      acc_t av[kOuterMicro], bv[kOuterMicro];
+      acc_t av[M], bv[M];
 #pragma unroll
-      for (int m = 0; m < kOuterMicro; ++m) {
-        av[m] = s_a[t][row + 16 * m];
-        bv[m] = s_b[t][col + 16 * m];
+      for (int m = 0; m < M; ++m) {
+        av[m] = s_a[t * T + row + 16 * m];
+        bv[m] = s_b[t * T + col + 16 * m];
       }
 #pragma unroll
-      for (int m = 0; m < kOuterMicro; ++m) {
+      for (int m = 0; m < M; ++m) {
 #pragma unroll
-        for (int k = 0; k < kOuterMicro; ++k) acc[m][k] += av[m] * bv[k];
+        for (int k = 0; k < M; ++k) acc[m][k] += av[m] * bv[k];
       }
     }
-    if (tile_y == 0 && tid < kOuterTile) {
-      for (int t = 0; t < tile_tokens; ++t) sum_acc += s_a[t][tid] * s_c[t];
+    if (tile_y == 0 && tid < T) {
+      for (int t = 0; t < tile_tokens; ++t) sum_acc += s_a[t * T + tid] * s_c[t];
     }
   }
 
   const int64_t base = partial_offset(bh, s, args.split.count, args.ld_x, args.ld_y);
 #pragma unroll
-  for (int m = 0; m < kOuterMicro; ++m) {
+  for (int m = 0; m < M; ++m) {
 #pragma unroll
-    for (int k = 0; k < kOuterMicro; ++k) {
+    for (int k = 0; k < M; ++k) {
       const int i = x0 + row + 16 * m, j = y0 + col + 16 * k;
       if (i < args.dx && j < args.dy) args.partial_outer[base + int64_t(i) * args.ld_y + j] = acc[m][k];
     }
   }
-  if (tile_y == 0 && tid < kOuterTile && x0 + tid < args.dx) {
+  if (tile_y == 0 && tid < T && x0 + tid < args.dx) {
     args.partial_sum[partial_offset(bh, s, args.split.count, 1, args.ld_x) + x0 + tid] = sum_acc;
+  }
+}
+
+template <typename scalar_t, typename acc_t, FeatureMap F, RowWeights W>
+__global__ void __launch_bounds__(kGenericThreads) linear_attention_partial_generic_kernel(
+    PartialArgs<scalar_t, acc_t> args) {
+  __shared__ acc_t s_a[kOuterTokens * kOuterMaxTile];  // phi(x_t) w_t, tile columns
+  __shared__ acc_t s_b[kOuterTokens * kOuterMaxTile];  // y_t, tile columns
+  __shared__ acc_t s_w[kOuterTokens];                  // w_t
+  __shared__ acc_t s_c[kOuterTokens];                  // c_t
+  switch (outer_micro(args.dx, args.dy)) {
+    case 3:
+      partial_generic_tile<scalar_t, acc_t, F, W, 3>(args, s_a, s_b, s_w, s_c);
+      break;
+    case 4:
+      partial_generic_tile<scalar_t, acc_t, F, W, 4>(args, s_a, s_b, s_w, s_c);
+      break;
+    default:
+      partial_generic_tile<scalar_t, acc_t, F, W, 5>(args, s_a, s_b, s_w, s_c);
+      break;
   }
 }
 
@@ -319,7 +352,8 @@ struct TokenArgs {
   int dk;
   int dv;
   acc_t eps;
-  // Tensor-core kernels only: one block per split of the tokens; 16-byte vector access allowed.
+  // One block per split of the tokens (every per-token kernel); 16-byte vector access allowed
+  // (tensor-core kernels only).
   TokenSplit split;
   bool vec_x;
   bool vec_y;
@@ -327,17 +361,24 @@ struct TokenArgs {
   bool vec_out_y;
 };
 
-// Block coordinates of the per-token kernels: grid.x = (batch * heads) * ceil(tokens / TOK).
+// Block coordinates of the per-token generic kernels: grid.x = (batch * heads) * split.count;
+// block (bh, s) takes the tokens [begin, end) of split s in tiles of TOK tokens (split.per_split
+// is a multiple of TOK, so a tile never crosses into the next split). A few blocks per SM loop
+// over their tiles instead of one short-lived block per tile.
+struct TokenRange {
+  int64_t bh, b, h, begin, end;
+};
+
+__device__ inline TokenRange token_range(const TokenSplit& split, int64_t heads) {
+  const BlockCoords coords = split_block_index(split.count);
+  return {coords.outer, coords.outer / heads, coords.outer % heads, split.begin(coords.inner),
+          split.end(coords.inner)};
+}
+
+// One tile of TOK tokens from n0 of (batch*head) bh.
 struct TokenTile {
   int64_t bh, b, h, n0;
 };
-
-template <int TOK>
-__device__ inline TokenTile token_tile(int64_t tokens, int64_t heads) {
-  const int64_t tiles = (tokens + TOK - 1) / TOK;
-  const BlockCoords coords = split_block_index(tiles);
-  return {coords.outer, coords.outer / heads, coords.outer % heads, coords.inner * TOK};
-}
 
 // Loads phi(x) of TOK tokens into s_fx (TOK x dk, zero past the end) and writes
 // s_inv_den[t] = 1 / (phi(x_t) . vec + eps), one warp per token.
@@ -382,6 +423,14 @@ __device__ inline MatrixItem matrix_item(int idx, int dk) {
   return {rest / width, full + rest % width};
 }
 
+// The inverse of matrix_item: the item idx of token t, row d.
+template <int TOK>
+__device__ inline int matrix_item_index(int t, int d, int dk) {
+  const int full = dk / kWarpSize * kWarpSize;
+  if (d < full) return d / kWarpSize * (TOK * kWarpSize) + t * kWarpSize + d % kWarpSize;
+  return TOK * full + t * (dk - full) + (d - full);
+}
+
 // s_acc[idx] += sum_j matrix[d][j] * s_rows[t * dv + j] for every item idx < TOK * dk,
 // (t, d) = matrix_item(idx), of a per-token kernel; matrix: dk x dv, row-major, acc_t. Lanes of a
 // warp take different rows d, so reading `matrix` directly would stride by dv between lanes (one
@@ -393,7 +442,7 @@ __device__ inline MatrixItem matrix_item(int idx, int dk) {
 // item idx is always thread idx % kGenericThreads's), not in per-item registers: that would
 // take 16 accumulators per thread and 128 registers. Every thread of the block must call it.
 template <typename acc_t>
-constexpr int matrix_chunk_cols() {
+__host__ __device__ constexpr int matrix_chunk_cols() {
   return 32 / static_cast<int>(sizeof(acc_t));
 }
 
@@ -423,92 +472,237 @@ __device__ inline void accumulate_matrix_rows(const acc_t* matrix, const acc_t* 
   }
 }
 
-// Pass 2: o_t = phi(q_t)^T S / (phi(q_t) . z + eps). grid.x = (batch*heads) * ceil(N / TOK).
+// out_y[n0 + t][j] = scale_t * sum_d s_rows[t * dk + d] * matrix[d][j] for the tile's tokens
+// (scale_t = s_scale[t], or 1 when s_scale is nullptr); matrix: dk x dv, row-major, acc_t. Lanes
+// take consecutive j: coalesced reads of matrix and stores of out_y.
+template <typename scalar_t, typename acc_t, int TOK>
+__device__ inline void store_rows_times_matrix(const TokenArgs<scalar_t, acc_t>& args,
+                                               const TokenTile& tile, const acc_t* s_rows,
+                                               const acc_t* matrix, const acc_t* s_scale) {
+  const int dk = args.dk, dv = args.dv;
+  for (int idx = threadIdx.x; idx < TOK * dv; idx += blockDim.x) {
+    const int t = idx / dv, j = idx % dv;
+    const int64_t n = tile.n0 + t;
+    if (n >= args.tokens) continue;
+    acc_t sum = 0;
+    for (int d = 0; d < dk; ++d) sum += s_rows[t * dk + d] * matrix[int64_t(d) * dv + j];
+    if (s_scale != nullptr) sum *= s_scale[t];
+    args.out_y[args.out_y_layout.offset(tile.b, n, tile.h) + j] = static_cast<scalar_t>(sum);
+  }
+}
+
+// Pass 2: o_t = phi(q_t)^T S / (phi(q_t) . z + eps). grid.x = (batch*heads) * split.count.
 template <typename scalar_t, typename acc_t, FeatureMap F>
 __global__ void __launch_bounds__(kGenericThreads) linear_attention_apply_generic_kernel(
     TokenArgs<scalar_t, acc_t> args) {
   constexpr int TOK = generic_tokens<acc_t>();
   __shared__ acc_t s_fq[TOK * kGenericMaxDim];  // TOK x dk
   __shared__ acc_t s_inv_den[TOK];
-  const TokenTile tile = token_tile<TOK>(args.tokens, args.heads);
-  load_phi_and_denominator<scalar_t, acc_t, F, TOK>(args, tile, s_fq, s_inv_den);
-
+  const TokenRange range = token_range(args.split, args.heads);
   const int dk = args.dk, dv = args.dv;
-  const acc_t* S = args.matrix + tile.bh * dk * dv;
-  for (int idx = threadIdx.x; idx < TOK * dv; idx += blockDim.x) {
-    const int t = idx / dv, j = idx % dv;
-    const int64_t n = tile.n0 + t;
-    if (n >= args.tokens) continue;
-    acc_t num = 0;
-    for (int d = 0; d < dk; ++d) num += s_fq[t * dk + d] * S[int64_t(d) * dv + j];
-    args.out_y[args.out_y_layout.offset(tile.b, n, tile.h) + j] =
-        static_cast<scalar_t>(num * s_inv_den[t]);
+  const acc_t* S = args.matrix + range.bh * dk * dv;
+  for (int64_t n0 = range.begin; n0 < range.end; n0 += TOK) {
+    __syncthreads();  // the previous tile's readers of s_fq and s_inv_den are done
+    const TokenTile tile{range.bh, range.b, range.h, n0};
+    load_phi_and_denominator<scalar_t, acc_t, F, TOK>(args, tile, s_fq, s_inv_den);
+    store_rows_times_matrix<scalar_t, acc_t, TOK>(args, tile, s_fq, S, s_inv_den);
   }
 }
 
-// Apply backward, per token: with o_t recomputed and g_t = o_t . do_t,
-// dq_t = phi'(q_t) * (S do_t - g_t z) / den_t; also writes (1/den_t, -g_t) to row_scratch for the
-// dS / dz reduction (linear_attention_partial_*_kernel with RowWeights::kScratch).
-template <typename scalar_t, typename acc_t, FeatureMap F>
-__global__ void __launch_bounds__(kGenericThreads) linear_attention_apply_backward_generic_kernel(
-    TokenArgs<scalar_t, acc_t> args) {
-  constexpr int TOK = generic_tokens<acc_t>();
-  __shared__ acc_t s_fq[TOK * kGenericMaxDim];  // TOK x dk
-  __shared__ acc_t s_do[TOK * kGenericMaxDim];  // TOK x dv
-  __shared__ acc_t s_inv_den[TOK];
-  __shared__ acc_t s_g[TOK];
-  __shared__ acc_t s_chunk[kGenericMaxDim * matrix_chunk_cols<acc_t>()];
-  const TokenTile tile = token_tile<TOK>(args.tokens, args.heads);
-  const int dk = args.dk, dv = args.dv;
-  for (int idx = threadIdx.x; idx < TOK * dv; idx += blockDim.x) {
-    const int t = idx / dv, j = idx % dv;
-    const int64_t n = tile.n0 + t;
-    s_do[idx] = n < args.tokens
-                    ? static_cast<acc_t>(args.y[args.y_layout.offset(tile.b, n, tile.h) + j])
-                    : acc_t(0);
-  }
-  load_phi_and_denominator<scalar_t, acc_t, F, TOK>(args, tile, s_fq, s_inv_den);
+// Row stride (acc_t words) of the apply backward's dS accumulator: >= dv and 16 (mod 32), so that
+// the two 16-column rows a warp of the 16 x 16 thread grid touches fall in distinct banks.
+__host__ __device__ inline int apply_backward_acc_ld(int dv) { return (dv + 15) / 32 * 32 + 16; }
 
-  const acc_t* S = args.matrix + tile.bh * dk * dv;
-  const acc_t* z = args.vec + tile.bh * dk;
+// Dynamic shared memory of the generic apply backward, as offsets in acc_t words: phi(q) (then
+// phi(q) / den), S do and do (TOK x dk, TOK x dk, TOK x dv), the matrix chunk, 1/den_t and g_t
+// (TOK each), and with the fused reduction the dS (dk x apply_backward_acc_ld(dv)) and dz (dk)
+// accumulators of the block's split.
+struct ApplyBackwardSmem {
+  int fq, sdo, dout, chunk, inv_den, g, acc, dz, words;
+};
+
+template <typename acc_t>
+__host__ __device__ inline ApplyBackwardSmem apply_backward_smem(int dk, int dv, bool reduce) {
+  constexpr int TOK = generic_tokens<acc_t>();
+  constexpr int kChunkCols = matrix_chunk_cols<acc_t>();
+  ApplyBackwardSmem s{};
+  s.fq = 0;
+  s.sdo = s.fq + TOK * dk;
+  s.dout = s.sdo + TOK * dk;
+  s.chunk = s.dout + TOK * dv;
+  s.inv_den = s.chunk + dk * kChunkCols;
+  s.g = s.inv_den + TOK;
+  s.acc = s.g + TOK;
+  s.dz = s.acc + (reduce ? dk * apply_backward_acc_ld(dv) : 0);
+  s.words = s.dz + (reduce ? dk : 0);
+  return s;
+}
+
+// s_acc (dk x ld) += sum_t s_a[t]^T s_b[t] over the TOK tokens of a tile (s_a: TOK x dk, s_b:
+// TOK x dv): the dk x dv matrix goes by 16 M x 16 M tiles, M = outer_micro(dk, dv), each thread
+// an M x M micro tile strided by 16 (as linear_attention_partial_generic_kernel), loaded from and
+// stored back to s_acc; every element belongs to one thread, so the tiles need no barrier.
+template <typename acc_t, int TOK, int M>
+__device__ inline void accumulate_outer_tile(const acc_t* s_a, const acc_t* s_b, acc_t* s_acc,
+                                             int dk, int dv, int ld) {
+  constexpr int T = 16 * M;
+  const int row = threadIdx.x / 16, col = threadIdx.x % 16;
+  for (int x0 = 0; x0 < dk; x0 += T) {
+    for (int y0 = 0; y0 < dv; y0 += T) {
+      acc_t acc[M][M];
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+#pragma unroll
+        for (int k = 0; k < M; ++k) {
+          const int i = x0 + row + 16 * m, j = y0 + col + 16 * k;
+          acc[m][k] = i < dk && j < dv ? s_acc[i * ld + j] : acc_t(0);
+        }
+      }
+      for (int t = 0; t < TOK; ++t) {
+        acc_t av[M], bv[M];
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const int i = x0 + row + 16 * m, j = y0 + col + 16 * m;
+          av[m] = i < dk ? s_a[t * dk + i] : acc_t(0);
+          bv[m] = j < dv ? s_b[t * dv + j] : acc_t(0);
+        }
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+#pragma unroll
+          for (int k = 0; k < M; ++k) acc[m][k] += av[m] * bv[k];
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+#pragma unroll
+        for (int k = 0; k < M; ++k) {
+          const int i = x0 + row + 16 * m, j = y0 + col + 16 * k;
+          if (i < dk && j < dv) s_acc[i * ld + j] = acc[m][k];
+        }
+      }
+    }
+  }
+}
+
+// Apply backward, per token, with u_t = S do_t and g_t = o_t . do_t = phi(q_t) . u_t / den_t:
+// dq_t = phi'(q_t) * (u_t - g_t z) / den_t. The dS / dz reduction over tokens needs
+// a_t = phi(q_t) / den_t and c_t = -g_t of every token:
+//   * kReduce: the block accumulates dS = sum_t a_t do_t^T and dz = sum_t a_t c_t of its split in
+//     shared memory and writes them to partial_outer (B*H, splits, dk, dv) and partial_sum
+//     (B*H, splits, dk), summed by linear_attention_reduce_partials_kernel: q and grad_out are
+//     read once for dq, dS and dz;
+//   * otherwise (the accumulators do not fit the device's shared memory): it writes
+//     (1/den_t, -g_t) to row_scratch for linear_attention_partial_generic_kernel with
+//     RowWeights::kScratch, which reads q and grad_out again.
+// grid.x = (batch * heads) * split.count; dynamic shared memory apply_backward_smem(dk, dv,
+// kReduce).words acc_t words.
+template <typename scalar_t, typename acc_t, FeatureMap F, bool kReduce>
+__global__ void __launch_bounds__(kGenericThreads) linear_attention_apply_backward_generic_kernel(
+    TokenArgs<scalar_t, acc_t> args, acc_t* __restrict__ partial_outer,
+    acc_t* __restrict__ partial_sum) {
+  constexpr int TOK = generic_tokens<acc_t>();
+  LINFUSION_OPS_DYNAMIC_SMEM(unsigned char, smem);
+  const int dk = args.dk, dv = args.dv;
+  const ApplyBackwardSmem layout = apply_backward_smem<acc_t>(dk, dv, kReduce);
+  acc_t* const words = reinterpret_cast<acc_t*>(smem);
+  acc_t* const s_fq = words + layout.fq;
+  acc_t* const s_sdo = words + layout.sdo;  // u_t, in matrix_item order
+  acc_t* const s_do = words + layout.dout;
+  acc_t* const s_chunk = words + layout.chunk;
+  acc_t* const s_inv_den = words + layout.inv_den;
+  acc_t* const s_g = words + layout.g;
+  acc_t* const s_acc = words + layout.acc;
+  acc_t* const s_dz = words + layout.dz;
+  const int ld = apply_backward_acc_ld(dv);
+  const int micro = outer_micro(dk, dv);
+  const TokenRange range = token_range(args.split, args.heads);
+  const acc_t* S = args.matrix + range.bh * dk * dv;
+  const acc_t* z = args.vec + range.bh * dk;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  for (int t = warp; t < TOK; t += blockDim.x / kWarpSize) {
-    acc_t g = 0;
-    for (int j = lane; j < dv; j += kWarpSize) {
-      acc_t num = 0;
-      for (int d = 0; d < dk; ++d) num += s_fq[t * dk + d] * S[int64_t(d) * dv + j];
-      g += num * s_do[t * dv + j];
-    }
-    g = warp_sum(g) * s_inv_den[t];
-    if (lane == 0) s_g[t] = g;
+  if constexpr (kReduce) {
+    for (int e = threadIdx.x; e < dk * ld; e += kGenericThreads) s_acc[e] = 0;
+    for (int i = threadIdx.x; i < dk; i += kGenericThreads) s_dz[i] = 0;
   }
-  __syncthreads();
-  // The tile's (1/den_t, -g_t) pairs are contiguous in row_scratch: one coalesced store.
-  if (threadIdx.x < 2 * TOK) {
-    const int t = threadIdx.x / 2;
-    if (tile.n0 + t < args.tokens) {
-      args.row_scratch[(tile.bh * args.tokens + tile.n0) * 2 + threadIdx.x] =
-          threadIdx.x % 2 == 0 ? s_inv_den[t] : -s_g[t];
+  for (int64_t n0 = range.begin; n0 < range.end; n0 += TOK) {
+    __syncthreads();  // the previous tile's readers are done
+    const TokenTile tile{range.bh, range.b, range.h, n0};
+    for (int idx = threadIdx.x; idx < TOK * dv; idx += kGenericThreads) {
+      const int t = idx / dv, j = idx % dv;
+      const int64_t n = n0 + t;
+      s_do[idx] = n < args.tokens
+                      ? static_cast<acc_t>(args.y[args.y_layout.offset(tile.b, n, tile.h) + j])
+                      : acc_t(0);
+    }
+    for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) s_sdo[idx] = 0;
+    load_phi_and_denominator<scalar_t, acc_t, F, TOK>(args, tile, s_fq, s_inv_den);
+    accumulate_matrix_rows<acc_t, TOK>(S, s_do, s_chunk, s_sdo, dk, dv);
+    for (int t = warp; t < TOK; t += kGenericThreads / kWarpSize) {
+      acc_t g = 0;
+      for (int d = lane; d < dk; d += kWarpSize) {
+        g += s_fq[t * dk + d] * s_sdo[matrix_item_index<TOK>(t, d, dk)];
+      }
+      g = warp_sum(g) * s_inv_den[t];
+      if (lane == 0) s_g[t] = g;
+    }
+    __syncthreads();
+    if constexpr (!kReduce) {
+      // The tile's (1/den_t, -g_t) pairs are contiguous in row_scratch: one coalesced store.
+      if (threadIdx.x < 2 * TOK) {
+        const int t = threadIdx.x / 2;
+        if (n0 + t < args.tokens) {
+          args.row_scratch[(range.bh * args.tokens + n0) * 2 + threadIdx.x] =
+              threadIdx.x % 2 == 0 ? s_inv_den[t] : -s_g[t];
+        }
+      }
+    }
+    for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) {
+      const MatrixItem item = matrix_item<TOK>(idx, dk);
+      const int t = item.t, d = item.d;
+      const int64_t n = n0 + t;
+      if (n >= args.tokens) continue;
+      const acc_t xq = static_cast<acc_t>(args.x[args.x_layout.offset(tile.b, n, tile.h) + d]);
+      const acc_t dfq = (s_sdo[idx] - s_g[t] * z[d]) * s_inv_den[t];
+      args.out_x[args.out_x_layout.offset(tile.b, n, tile.h) + d] =
+          static_cast<scalar_t>(dfq * feature_map_grad<F, acc_t>(xq));
+    }
+    if constexpr (kReduce) {
+      // a_t = phi(q_t) / den_t in place (tokens past the end are zero), then the tile's terms.
+      for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) {
+        s_fq[idx] *= s_inv_den[idx / dk];
+      }
+      __syncthreads();
+      switch (micro) {
+        case 3:
+          accumulate_outer_tile<acc_t, TOK, 3>(s_fq, s_do, s_acc, dk, dv, ld);
+          break;
+        case 4:
+          accumulate_outer_tile<acc_t, TOK, 4>(s_fq, s_do, s_acc, dk, dv, ld);
+          break;
+        default:
+          accumulate_outer_tile<acc_t, TOK, 5>(s_fq, s_do, s_acc, dk, dv, ld);
+          break;
+      }
+      for (int i = threadIdx.x; i < dk; i += kGenericThreads) {
+        acc_t sum = 0;
+        for (int t = 0; t < TOK; ++t) sum -= s_fq[t * dk + i] * s_g[t];
+        s_dz[i] += sum;
+      }
     }
   }
-  // (S do_t)[d] accumulates in s_fq: phi(q) is no longer needed.
-  acc_t* s_sdo = s_fq;
-  for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) s_sdo[idx] = 0;
-  accumulate_matrix_rows<acc_t, TOK>(S, s_do, s_chunk, s_sdo, dk, dv);
-  for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) {
-    const MatrixItem item = matrix_item<TOK>(idx, dk);
-    const int t = item.t, d = item.d;
-    const int64_t n = tile.n0 + t;
-    if (n >= args.tokens) continue;
-    const acc_t xq = static_cast<acc_t>(args.x[args.x_layout.offset(tile.b, n, tile.h) + d]);
-    const acc_t dfq = (s_sdo[idx] - s_g[t] * z[d]) * s_inv_den[t];
-    args.out_x[args.out_x_layout.offset(tile.b, n, tile.h) + d] =
-        static_cast<scalar_t>(dfq * feature_map_grad<F, acc_t>(xq));
+  if constexpr (kReduce) {
+    __syncthreads();  // every thread's accumulator elements are final
+    const int64_t s = blockIdx.x % args.split.count;
+    acc_t* outer = partial_outer + partial_offset(range.bh, s, args.split.count, dk, dv);
+    for (int e = threadIdx.x; e < dk * dv; e += kGenericThreads) {
+      outer[e] = s_acc[e / dv * ld + e % dv];
+    }
+    acc_t* sum = partial_sum + partial_offset(range.bh, s, args.split.count, 1, dk);
+    for (int i = threadIdx.x; i < dk; i += kGenericThreads) sum[i] = s_dz[i];
   }
 }
 
 // State backward, per key: dk_t = keep_t * phi'(k_t) * (dS v_t + dz) / n,
-// dv_t = keep_t * dS^T phi(k_t) / n.
+// dv_t = keep_t * dS^T phi(k_t) / n. grid.x = (batch * heads) * split.count.
 template <typename scalar_t, typename acc_t, FeatureMap F>
 __global__ void __launch_bounds__(kGenericThreads) linear_attention_state_backward_generic_kernel(
     TokenArgs<scalar_t, acc_t> args) {
@@ -516,56 +710,53 @@ __global__ void __launch_bounds__(kGenericThreads) linear_attention_state_backwa
   __shared__ acc_t s_fk[TOK * kGenericMaxDim];  // TOK x dk, phi(k_t) * keep_t / n
   __shared__ acc_t s_v[TOK * kGenericMaxDim];   // TOK x dv, v_t * keep_t / n
   __shared__ acc_t s_chunk[kGenericMaxDim * matrix_chunk_cols<acc_t>()];
-  const TokenTile tile = token_tile<TOK>(args.tokens, args.heads);
+  const TokenRange range = token_range(args.split, args.heads);
   const int dk = args.dk, dv = args.dv;
-  const acc_t inv_n = inverse_kept<acc_t>(args.kept, tile.b, args.tokens);
-  for (int idx = threadIdx.x; idx < TOK * dk; idx += blockDim.x) {
-    const int t = idx / dk, d = idx % dk;
-    const int64_t n = tile.n0 + t;
-    acc_t value = 0;
-    if (n < args.tokens && args.mask.keep(tile.b, n)) {
-      value = feature_map_value<F, acc_t>(static_cast<acc_t>(
-                  args.x[args.x_layout.offset(tile.b, n, tile.h) + d])) * inv_n;
+  const acc_t inv_n = inverse_kept<acc_t>(args.kept, range.b, args.tokens);
+  const acc_t* dS = args.matrix + range.bh * dk * dv;
+  const acc_t* dz = args.vec + range.bh * dk;
+  for (int64_t n0 = range.begin; n0 < range.end; n0 += TOK) {
+    __syncthreads();  // the previous tile's readers of s_fk and s_v are done
+    const TokenTile tile{range.bh, range.b, range.h, n0};
+    for (int idx = threadIdx.x; idx < TOK * dk; idx += blockDim.x) {
+      const int t = idx / dk, d = idx % dk;
+      const int64_t n = n0 + t;
+      acc_t value = 0;
+      if (n < args.tokens && args.mask.keep(tile.b, n)) {
+        value = feature_map_value<F, acc_t>(static_cast<acc_t>(
+                    args.x[args.x_layout.offset(tile.b, n, tile.h) + d])) * inv_n;
+      }
+      s_fk[idx] = value;
     }
-    s_fk[idx] = value;
-  }
-  for (int idx = threadIdx.x; idx < TOK * dv; idx += blockDim.x) {
-    const int t = idx / dv, j = idx % dv;
-    const int64_t n = tile.n0 + t;
-    acc_t value = 0;
-    if (n < args.tokens && args.mask.keep(tile.b, n)) {
-      value = static_cast<acc_t>(args.y[args.y_layout.offset(tile.b, n, tile.h) + j]) * inv_n;
+    for (int idx = threadIdx.x; idx < TOK * dv; idx += blockDim.x) {
+      const int t = idx / dv, j = idx % dv;
+      const int64_t n = n0 + t;
+      acc_t value = 0;
+      if (n < args.tokens && args.mask.keep(tile.b, n)) {
+        value = static_cast<acc_t>(args.y[args.y_layout.offset(tile.b, n, tile.h) + j]) * inv_n;
+      }
+      s_v[idx] = value;
     }
-    s_v[idx] = value;
-  }
-  __syncthreads();
-  const acc_t* dS = args.matrix + tile.bh * dk * dv;
-  const acc_t* dz = args.vec + tile.bh * dk;
-  for (int idx = threadIdx.x; idx < TOK * dv; idx += blockDim.x) {
-    const int t = idx / dv, j = idx % dv;
-    const int64_t n = tile.n0 + t;
-    if (n >= args.tokens) continue;
-    acc_t grad = 0;
-    for (int d = 0; d < dk; ++d) grad += s_fk[t * dk + d] * dS[int64_t(d) * dv + j];
-    args.out_y[args.out_y_layout.offset(tile.b, n, tile.h) + j] = static_cast<scalar_t>(grad);
-  }
-  __syncthreads();  // s_fk's readers are done: (dS v_t + dz)[d] / n accumulates there
-  acc_t* s_dfk = s_fk;
-  for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) {
-    s_dfk[idx] = dz[matrix_item<TOK>(idx, dk).d] * inv_n;
-  }
-  accumulate_matrix_rows<acc_t, TOK>(dS, s_v, s_chunk, s_dfk, dk, dv);
-  for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) {
-    const MatrixItem item = matrix_item<TOK>(idx, dk);
-    const int t = item.t, d = item.d;
-    const int64_t n = tile.n0 + t;
-    if (n >= args.tokens) continue;
-    acc_t grad = 0;
-    if (args.mask.keep(tile.b, n)) {
-      const acc_t xk = static_cast<acc_t>(args.x[args.x_layout.offset(tile.b, n, tile.h) + d]);
-      grad = s_dfk[idx] * feature_map_grad<F, acc_t>(xk);
+    __syncthreads();
+    store_rows_times_matrix<scalar_t, acc_t, TOK>(args, tile, s_fk, dS, nullptr);
+    __syncthreads();  // s_fk's readers are done: (dS v_t + dz)[d] / n accumulates there
+    acc_t* s_dfk = s_fk;
+    for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) {
+      s_dfk[idx] = dz[matrix_item<TOK>(idx, dk).d] * inv_n;
     }
-    args.out_x[args.out_x_layout.offset(tile.b, n, tile.h) + d] = static_cast<scalar_t>(grad);
+    accumulate_matrix_rows<acc_t, TOK>(dS, s_v, s_chunk, s_dfk, dk, dv);
+    for (int idx = threadIdx.x; idx < TOK * dk; idx += kGenericThreads) {
+      const MatrixItem item = matrix_item<TOK>(idx, dk);
+      const int t = item.t, d = item.d;
+      const int64_t n = n0 + t;
+      if (n >= args.tokens) continue;
+      acc_t grad = 0;
+      if (args.mask.keep(tile.b, n)) {
+        const acc_t xk = static_cast<acc_t>(args.x[args.x_layout.offset(tile.b, n, tile.h) + d]);
+        grad = s_dfk[idx] * feature_map_grad<F, acc_t>(xk);
+      }
+      args.out_x[args.out_x_layout.offset(tile.b, n, tile.h) + d] = static_cast<scalar_t>(grad);
+    }
   }
 }
 

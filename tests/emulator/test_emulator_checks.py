@@ -194,7 +194,9 @@ def _merge_case(segments, channels, dtype, pad_per_slot):
 REAL_KERNEL_CASES = {
     # Linear attention: the four tensor-core kernels at every padded head dim (DP = 48 with vector
     # and with scalar loads), and the generic ones (split-N partials with mask and scratch
-    # weights, the per-token kernels, the partials reduction) in fp32 up to D = 256 and fp64.
+    # weights, the per-token kernels, the partials reduction) in fp32 up to D = 256 and fp64;
+    # the apply backward with its dS / dz sums in shared memory (d24, d160: 3 x 3 tiles of the
+    # accumulator, fp64) and without (d256: they do not fit).
     "linear_attention_tc_bf16_d40": _linear_attention_case(torch.bfloat16, 40),
     "linear_attention_tc_fp16_d17": _linear_attention_case(torch.float16, 17),
     "linear_attention_tc_bf16_d64": _linear_attention_case(torch.bfloat16, 64),
@@ -202,6 +204,7 @@ REAL_KERNEL_CASES = {
     "linear_attention_tc_bf16_d128": _linear_attention_case(torch.bfloat16, 128, nq=20, nk=40),
     "linear_attention_tc_bf16_d160": _linear_attention_case(torch.bfloat16, 160, nq=20, nk=40),
     "linear_attention_generic_fp32_d24": _linear_attention_case(torch.float32, 24),
+    "linear_attention_generic_fp32_d160": _linear_attention_case(torch.float32, 160, nq=20, nk=40),
     "linear_attention_generic_fp32_d256": _linear_attention_case(torch.float32, 256, nq=20, nk=40),
     "linear_attention_generic_fp64_d72": _linear_attention_case(torch.float64, 72, nq=20, nk=40,
                                                                  masked=False),

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import emu_profile
+from benchmarks import bench_emu_profile, emu_profile
 from linfusion_ops import emulated
 
 from tests.helpers.backends import skip_or_fail_without_emu
@@ -143,6 +143,10 @@ CASES = {
     "linear_attention_fp16_d80": lambda: emu_profile.run_linear_attention(torch.float16, 80, 256),
     "linear_attention_fp16_d160": lambda: emu_profile.run_linear_attention(torch.float16, 160, 128),
     "linear_attention_fp32_d40": lambda: emu_profile.run_linear_attention(torch.float32, 40, 128),
+    # The generic apply backward with its dS / dz sums in shared memory over 3 x 3 accumulator
+    # tiles, and without them (256 x 256 does not fit): the partial kernel with scratch weights.
+    "linear_attention_fp32_d160": lambda: emu_profile.run_linear_attention(torch.float32, 160, 32),
+    "linear_attention_fp32_d256": lambda: emu_profile.run_linear_attention(torch.float32, 256, 16),
     "layer_norm_fp16_c320": lambda: emu_profile.run_layer_norm(torch.float16, 320, 64),
     "layer_norm_fp16_c40": lambda: emu_profile.run_layer_norm(torch.float16, 40, 256),
     "layer_norm_fp32_c80": lambda: emu_profile.run_layer_norm(torch.float32, 80, 128),
@@ -178,3 +182,32 @@ def test_production_kernels_stay_within_budget(case):
                 assert g[key] >= b[key] - 1e-9, f"{case} {pass_} {g['kernel']}: {key} {g[key]:.4f} < budget {b[key]:.4f}"
             for key in CEILINGS:
                 assert g[key] <= b[key] * (1 + 1e-9), f"{case} {pass_} {g['kernel']}: {key} {g[key]} > budget {b[key]}"
+
+
+def test_generic_outer_products_run_whole_padded_tiles():
+    """The model's fp32 FLOPs of the generic outer products (bench_emu_profile.analytic_fp32_flops)
+    count whole zero-padded tiles, not D x D: the partial kernel's hot loop loads one row and one
+    column value per micro-tile row per token whatever D, so at D = 40 it issues as many shared
+    loads, and multiply-adds, as at D = 48 (its 48-wide tile), and fewer than at D = 64."""
+    source = Path(__file__).resolve().parents[2] / "csrc" / "cuda" / "linear_attention_kernels.cuh"
+    lines = source.read_text().splitlines()
+    loads = ("av[m] = s_a[t * T + row + 16 * m];", "bv[m] = s_b[t * T + col + 16 * m];")
+    hot = {f"csrc/cuda/linear_attention_kernels.cuh:{i + 1}" for i, text in enumerate(lines)
+           if text.strip() in loads}
+    assert len(hot) == 2
+
+    def partial_launch(d):
+        with emulated.settings(multiprocessor_count=1):
+            fwd = emu_profile.run_linear_attention(torch.float32, d, 64)["fwd"]
+        (launch,) = [r for r in fwd if "partial_generic_kernel" in r["kernel"]]
+        loads = sum(s["requests"] for s in launch["sites"]
+                    if s["space"] == "shared" and s["op"] == "load" and s["where"] in hot)
+        return launch["kernel"], loads
+
+    (name40, loads40), (name48, loads48), (name64, loads64) = map(partial_launch, (40, 48, 64))
+    assert loads40 == loads48 == 3 * loads64 // 4 > 0
+    flops = bench_emu_profile.analytic_fp32_flops
+    assert flops(name40, 64, 1, 40) == flops(name48, 64, 1, 48) == 2 * 64 * 48 * 48
+    assert flops(name64, 64, 1, 64) == 2 * 64 * 64 * 64
+    tiles = [bench_emu_profile.outer_tile(d) for d in (17, 40, 64, 80, 160, 256)]
+    assert tiles == [48, 48, 64, 80, 80, 64]

@@ -427,6 +427,48 @@ def test_path_per_dtype_and_head_dims(backend, dtype, dk, dv, dp):
         assert tensor_core_dim(names, op) == dp, f"{op}: {names}"
 
 
+# The generic apply backward sums dS and dz of its split itself (one pass over q and grad_out)
+# when its dynamic shared memory with the accumulators, 4 * (16 * (2 Dk + Dv) + 8 Dk + 32 +
+# Dk * (Dv padded to 16 mod 32) + Dk) bytes for fp32, fits the profile's opt-in limit: 149 KiB at
+# 160 x 160 (H100 and A100 yes, sm86 no), 338 KiB at 256 x 256 (none). Otherwise it writes the
+# per-token row weights and the partial kernel reads q and grad_out again.
+@only("emu")
+@pytest.mark.parametrize("profile,dtype,dk,dv,fused", [
+    ("H100", torch.float32, 40, 40, True),
+    ("H100", torch.float32, 160, 160, True),
+    ("A100", torch.float32, 160, 160, True),
+    ("sm86", torch.float32, 160, 160, False),
+    ("H100", torch.float32, 256, 256, False),
+    ("H100", torch.float32, 24, 72, True),
+    ("H100", torch.float64, 59, 17, True),
+])
+def test_generic_apply_backward_fuses_the_reduction_where_it_fits(backend, profile, dtype, dk, dv,
+                                                                 fused):
+    heads, nq = 2, 77  # not a multiple of the 16-token tile
+    q, k, v = make_qkv(backend.device, 2, nq, 45, heads, dk, dv, dtype, seed=dk)
+    state, key_mean = reference.linear_attention_state(k, v, heads)
+    g = torch.Generator(device=backend.device).manual_seed(3)
+    grad_out = torch.randn(2, nq, heads * dv, generator=g, device=backend.device).to(dtype)
+    got = []
+    # One SM: each block loops over several token tiles; the default: several splits per head.
+    for sms in (1, None):
+        with backend.settings(device=profile, multiprocessor_count=sms):
+            names = launched(lambda: got.append(backend.ops.linear_attention_apply_backward(
+                grad_out, q, state, key_mean, heads, "elu", 1e-4)))
+        bwd = [n for n in names if GENERIC_KERNEL["apply_backward"] + "<" in n]
+        assert len(bwd) == 1 and bwd[0].endswith(", true>" if fused else ", false>"), names
+        assert any("partial_generic_kernel" in n for n in names) == (not fused), names
+    q64, s64, m64 = (t.double().requires_grad_(True) for t in (q, state, key_mean))
+    out = reference.linear_attention_apply(q64, s64, m64, heads)
+    want = torch.autograd.grad(out, (q64, s64, m64), grad_out.double())
+    for grad_q, grad_state, grad_key_mean in got:
+        for name, x, w in zip(("grad_q", "grad_state", "grad_key_mean"),
+                              (grad_q, grad_state, grad_key_mean), want):
+            assert x.shape == w.shape, name
+            floor = 10 * default_floor(dtype) * w.abs().max().item()
+            assert_close_lowp(x, w, w, floor=floor, name=name)
+
+
 @only("emu-2sm")
 @pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.float16, 96), (torch.float16, 40),
                                      (torch.float32, 40), (torch.float64, 17)])
