@@ -71,7 +71,10 @@ def peak_memory_mb(fn, device) -> float:
 
 def git_commit() -> str:
     """The short commit of the checkout being measured, "-dirty" when tracked files changed, or
-    "unknown" outside git."""
+    "unknown" outside git. LINFUSION_OPS_BENCH_COMMIT overrides it (a copy of the tree without
+    .git, as on a lent GPU machine)."""
+    if os.environ.get("LINFUSION_OPS_BENCH_COMMIT"):
+        return os.environ["LINFUSION_OPS_BENCH_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         run = lambda *args: subprocess.run(  # noqa: E731

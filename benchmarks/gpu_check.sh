@@ -15,6 +15,9 @@ OUT_DIR=${OUT:-benchmarks/results}
 mkdir -p "$OUT_DIR"
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 SLOW_TESTS_IF_ELAPSED_BELOW=${SLOW_TESTS_IF_ELAPSED_BELOW:-240}  # seconds
+TESTS_SECONDS=${TESTS_SECONDS:-240}  # the fast tests are interrupted (SIGINT: summary kept) after this
+BENCH_MAX_SECONDS=${BENCH_MAX_SECONDS:-2}  # per benchmark case
+NCU_SECONDS=${NCU_SECONDS:-90}  # all ncu runs together
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 status=0
@@ -33,7 +36,8 @@ fi
 "$PYTHON" -c "import linfusion_ops; print('gpu_check: built', linfusion_ops.build_info())"
 echo "gpu_check: build done at $(elapsed)s"
 
-"$PYTHON" -m pytest tests -q -m "not slow" -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_check_tests.log"
+timeout -s INT "$TESTS_SECONDS" "$PYTHON" -m pytest tests -q -m "not slow" -p no:cacheprovider -rfE --durations=15 \
+  2>&1 | tee "$OUT_DIR/gpu_check_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "gpu_check: tests done at $(elapsed)s"
 
@@ -45,7 +49,7 @@ else
   echo "gpu_check: skipping the slow tests (elapsed $(elapsed)s >= ${SLOW_TESTS_IF_ELAPSED_BELOW}s)"
 fi
 
-"$PYTHON" benchmarks/bench_gpu.py --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/gpu_check_bench.log"
+"$PYTHON" benchmarks/bench_gpu.py --out "$OUT_DIR" --max-seconds "$BENCH_MAX_SECONDS" 2>&1 | tee "$OUT_DIR/gpu_check_bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 # Measured times next to the emulator model's predictions (benchmarks/results/emu_profile.json),
@@ -53,7 +57,7 @@ fi
 NCU_IF_ELAPSED_BELOW=${NCU_IF_ELAPSED_BELOW:-360}  # seconds
 ncu_flag=""
 if command -v ncu > /dev/null && [ "$(elapsed)" -lt "$NCU_IF_ELAPSED_BELOW" ]; then ncu_flag="--ncu"; fi
-timeout 240 "$PYTHON" benchmarks/gpu_vs_model.py --out "$OUT_DIR" $ncu_flag 2>&1 | tee "$OUT_DIR/gpu_check_model.log"
+timeout 240 "$PYTHON" benchmarks/gpu_vs_model.py --out "$OUT_DIR" $ncu_flag --ncu-seconds "$NCU_SECONDS" 2>&1 | tee "$OUT_DIR/gpu_check_model.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "gpu_check: model check done at $(elapsed)s"
 echo "gpu_check: finished in $(elapsed)s with status $status (results in $OUT_DIR)"
