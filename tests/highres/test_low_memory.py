@@ -10,6 +10,8 @@ import importlib
 import pytest
 import torch
 
+pytest.importorskip("diffusers")
+
 from diffusers.models.controlnets.controlnet import ControlNetOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from diffusers.models.attention_processor import AttnProcessor2_0

@@ -5,6 +5,8 @@ the image, and holds one tile's activations plus the output, not the image's act
 import pytest
 import torch
 
+pytest.importorskip("diffusers")
+
 from diffusers.models.autoencoders.vae import DecoderOutput
 from linfusion_ops.highres.memory import LiveBytes, tensor_bytes
 from linfusion_ops.highres.tiled_vae import default_halo, enable_tiled_vae, tiled_decode, tiled_encode

@@ -20,6 +20,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+pytest.importorskip("diffusers")
+
 from diffusers.models.attention_processor import Attention
 
 from linfusion_ops.highres.low_memory import apply_low_memory
