@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from ..optional import needs
 from .files import remove_stale_temporaries, write_atomic
 
 __all__ = [
@@ -99,7 +100,8 @@ def dataset_captions(name: str, column: str, split: str = "train", config: Optio
     is a hub name, a local dataset folder, or one local .csv / .json / .jsonl / .parquet file
     (read as its only split). A list-valued cell (COCO's five captions) gives its first caption.
     ``progress=False`` silences ``datasets``' progress bars for the call."""
-    import datasets
+    with needs("linfusion_ops.evaluation.dataset_captions", "eval"):
+        import datasets
 
     was_disabled = datasets.are_progress_bars_disabled()
     if not progress:

@@ -29,6 +29,7 @@ CALL = dict(num_inference_steps=2, height=32, width=32, guidance_scale=7.5)
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
+    pytest.importorskip("diffusers")
     from tests.helpers.tiny_models import tiny_sd_pipeline
 
     folder = tmp_path_factory.mktemp("pipe")
@@ -284,6 +285,7 @@ def test_load_pipeline_highres_wraps_the_mounted_pipeline(pipeline_dir, linfusio
 
 
 def test_dataset_captions_from_a_local_folder_or_file(tmp_path, capsys):
+    pytest.importorskip("datasets")
     from linfusion_ops.evaluation.generate import dataset_captions
 
     folder = tmp_path / "coco"
@@ -325,6 +327,7 @@ generate(NoisePipeline(hang_at=3), plan_samples(captions, range(len(captions))),
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
+    pytest.importorskip("diffusers")
     import signal
     import subprocess
     import sys

@@ -248,6 +248,7 @@ CAPTIONS = ["a red cat", "two blue dogs", "green tree. big sky", "a house by the
 
 
 def test_clip_score_equals_hand_computation(tmp_path):
+    pytest.importorskip("diffusers")
     model, tokenizer, processor = tiny_clip(tmp_path)
     images = torch.from_numpy(np.stack(random_images(6, size=(24, 20), seed=5))).permute(0, 3, 1, 2)
     cos = clip_scores(images, CAPTIONS, model, tokenizer, processor, prefix="a photo depicts ")
@@ -265,6 +266,7 @@ def test_clip_score_equals_hand_computation(tmp_path):
 
 
 def test_preference_scores_equal_hand_decomposition(tmp_path):
+    pytest.importorskip("diffusers")
     from linfusion_ops.longalign.preference import CLIPPreferenceScorer
 
     model, tokenizer, _ = tiny_clip(tmp_path)
@@ -301,6 +303,7 @@ def saved_tiny_clip(tmp_path):
 
 
 def test_metrics_cli_end_to_end(tmp_path, tiny_inception, capsys):
+    pytest.importorskip("diffusers")
     (model, tokenizer, processor), clip_dir = saved_tiny_clip(tmp_path)
     weights = tmp_path / "inception.pth"
     torch.save(tiny_inception.state_dict(), weights)
@@ -346,6 +349,7 @@ def test_metrics_cli_missing_weights_is_one_line_and_writes_nothing(tmp_path, ca
 
 
 def test_metrics_of_a_generate_folder_use_its_metadata_and_refuse_an_unfinished_run(tmp_path, capsys):
+    pytest.importorskip("diffusers")
     from linfusion_ops.evaluation.generate import generate, plan_samples
     from tests.helpers.tiny_models import NoisePipeline
 
