@@ -4,6 +4,7 @@ import os
 import statistics
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,8 +61,12 @@ def peak_memory_mb(fn, device) -> float:
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    with warnings.catch_warnings():
+        # torch 2.11 warns once per process that a profiler clears its events at the end of each
+        # cycle; this one-region profile has a single cycle, so nothing is lost.
+        warnings.filterwarnings("ignore", message="Warning: Profiler clears events")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
     current = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         current += event.self_cpu_memory_usage
