@@ -9,7 +9,8 @@ times the same pass on the GPU (CUDA events, median) and writes gpu_vs_model_<gp
 
     {"device", "torch", "commit", "model_device", "cases": [{"op", "path", "dtype", "dim",
      "pass", "measured_ms", "predicted_ms", "measured_over_predicted", "floor_ms"}],
-     "ncu": {case: {metric: value}}}   (with --ncu and Nsight Compute's ncu on PATH)
+     "ncu": {case: [{"id", "kernel", "grid", "block", "metrics", "summary"}]}}
+                                      (with --ncu and Nsight Compute's ncu on PATH)
 
 The model device is the H100 profile when the GPU's name says H100 / H200, the A100 one
 otherwise. A ratio near 1 means the roofline bound is tight; well above 1, the model misses
@@ -17,6 +18,8 @@ what it cannot see (L2 misses, latency not hidden, clocks).
 """
 
 import argparse
+import csv
+import io
 import json
 import math
 import shutil
@@ -42,6 +45,75 @@ NCU_METRICS = ",".join([
     "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum", "smsp__inst_executed_op_shared_st.sum",
     "sm__warps_active.avg.pct_of_peak_sustained_active",
 ])
+# Asked for too, where this ncu knows them: ldmatrix (WMMA's shared loads) is counted apart from
+# ld.shared, so wavefronts per ld.shared instruction alone overstate conflicts in the TC kernels.
+NCU_EXTRA_METRICS = ",".join([
+    "smsp__inst_executed_op_ldsm.sum", "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ldsm.sum",
+    "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum",
+    "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum",
+])
+# ncu --csv's columns, for output whose header line was cut off.
+NCU_COLUMNS = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream",
+               "Block Size", "Grid Size", "Device", "CC", "Section Name", "Metric Name", "Metric Unit",
+               "Metric Value"]
+
+
+def parse_ncu_csv(text: str) -> list:
+    """ncu --csv output -> [{"id", "kernel", "grid", "block", "metrics": {name: value}}], one entry
+    per profiled launch in launch order. Lines that are not whole CSV rows (a cut-off first line,
+    ncu's own ==PROF== messages) are skipped; a missing header means ncu's default columns."""
+    rows = list(csv.reader(io.StringIO(text)))
+    columns = NCU_COLUMNS
+    launches = {}
+    for row in rows:
+        if row and row[0] == "ID":
+            columns = row
+            continue
+        if len(row) != len(columns):
+            continue
+        r = dict(zip(columns, row))
+        try:
+            value = float(r["Metric Value"].replace(",", ""))
+        except ValueError:
+            continue
+        kernel = r["Kernel Name"].removeprefix("void ").split("(")[0]
+        entry = launches.setdefault(r["ID"], {"id": int(r["ID"]), "kernel": kernel, "grid": r["Grid Size"],
+                                             "block": r["Block Size"], "metrics": {}})
+        entry["metrics"][r["Metric Name"]] = value
+    return sorted(launches.values(), key=lambda e: e["id"])
+
+
+def ncu_summary(metrics: dict) -> dict:
+    """Derived figures of one launch: time, DRAM GB/s, sectors per global request, warps active."""
+    m = metrics
+    seconds = m.get("gpu__time_duration.sum", 0.0) * 1e-9
+    dram = m.get("dram__bytes_read.sum", 0.0) + m.get("dram__bytes_write.sum", 0.0)
+    ratio = lambda a, b: round(m[a] / m[b], 3) if m.get(b) else None  # noqa: E731
+    return {"us": round(seconds * 1e6, 2), "dram_mb": round(dram / 1e6, 3),
+            "dram_gbps": round(dram / seconds / 1e9, 1) if seconds else None,
+            "load_sectors_per_request": ratio("l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum",
+                                              "l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum"),
+            "store_sectors_per_request": ratio("l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum",
+                                               "l1tex__t_requests_pipe_lsu_mem_global_op_st.sum"),
+            "warps_active_pct": m.get("sm__warps_active.avg.pct_of_peak_sustained_active")}
+
+
+def run_ncu(case: str, timeout: float):
+    """Our kernels' counters for one case: ncu with the extra metrics, again without them if this
+    ncu does not know one. Clocks as found (--clock-control none: never lock a shared card's)."""
+    last = ""
+    for metrics in (NCU_METRICS + "," + NCU_EXTRA_METRICS, NCU_METRICS):
+        cmd = ["ncu", "--csv", "--clock-control", "none",
+               "--kernel-name", "regex:linear_attention|layer_norm|merge_segments|column_sum",
+               "--metrics", metrics, sys.executable, __file__, "--case", case]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        launches = parse_ncu_csv(run.stdout)
+        if run.returncode == 0 and launches:
+            for launch in launches:
+                launch["summary"] = ncu_summary(launch["metrics"])
+            return launches
+        last = (run.stderr or run.stdout)[-2000:]
+    return f"ncu failed: {last}"
 
 
 def make_pass(op, dtype, d, pass_, device):
@@ -121,12 +193,8 @@ def main():
         for c in cases:
             if c["dim"] not in (40, 64, 320, 768) or time.monotonic() > deadline:
                 continue
-            # Our kernels only, clocks as found (never lock them on a shared card).
-            cmd = ["ncu", "--csv", "--clock-control", "none", "--kernel-name", "regex:linear_attention|layer_norm|merge_segments|column_sum",
-                   "--metrics", NCU_METRICS, sys.executable, __file__, "--case", c["case"]]
             try:
-                run = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, deadline - time.monotonic()))
-                ncu[c["case"]] = run.stdout[-20000:] if run.returncode == 0 else f"ncu failed: {run.stderr[-2000:]}"
+                ncu[c["case"]] = run_ncu(c["case"], max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 ncu[c["case"]] = "ncu cut off at the time limit"
             path.write_text(json.dumps(doc, indent=1) + "\n")
