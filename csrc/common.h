@@ -213,19 +213,26 @@ inline LinearAttentionDims check_apply_backward_args(const at::Tensor& grad_out,
 
 // ---------------------------------------------------------------------------------------------
 // LayerNorm + LeakyReLU argument checks.
+// Plain calls, not a range-for over a braced list of (tensor reference, name) pairs as before: on
+// an H200 machine (torch 2.11, its own host gcc) CUDA inputs with a wrong-shaped weight crashed
+// (SIGSEGV) instead of raising, while the same check raised for CPU inputs. That loop was the one
+// construct only the LayerNorm checks used; that it was the cause is not established.
+inline void check_layer_norm_param(const at::Tensor& x, int64_t channels, const at::Tensor& t,
+                                   const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, "linfusion_ops: ", name,
+              " must have shape (", channels, ",) to match x's last dim, got ", t.sizes());
+  check_same_dtype(x, "x", t, name);
+  check_same_device(x, "x", t, name);
+}
+
 inline int64_t check_layer_norm_params(const at::Tensor& x, const at::Tensor& weight,
                                        const at::Tensor& bias) {
   TORCH_CHECK(x.dim() >= 1, "linfusion_ops: x must have at least 1 dim (..., C)");
   check_floating(x, "x");
   const int64_t channels = x.size(-1);
   TORCH_CHECK(channels > 0, "linfusion_ops: x's last dim (C) must be positive");
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weight, "weight"},
-                                std::pair<const at::Tensor&, const char*>{bias, "bias"}}) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, "linfusion_ops: ", name,
-                " must have shape (", channels, ",) to match x's last dim, got ", t.sizes());
-    check_same_dtype(x, "x", t, name);
-    check_same_device(x, "x", t, name);
-  }
+  check_layer_norm_param(x, channels, weight, "weight");
+  check_layer_norm_param(x, channels, bias, "bias");
   return channels;
 }
 
@@ -235,6 +242,17 @@ inline int64_t check_layer_norm_args(const at::Tensor& x, const at::Tensor& weig
   TORCH_CHECK(eps > 0.0 && std::isfinite(eps), "linfusion_ops: eps must be finite and > 0, got ",
               eps);
   return channels;
+}
+
+// One of the statistics the forward saved: shape x.shape[:-1], the accumulation dtype.
+inline void check_layer_norm_stat(const at::Tensor& x, const at::Tensor& t, const char* name) {
+  const auto acc = accumulate_dtype(x.scalar_type());
+  const auto stats_shape = x.sizes().slice(0, x.dim() - 1);
+  TORCH_CHECK(t.sizes() == stats_shape, "linfusion_ops: ", name, " must have shape x.shape[:-1] = ",
+              stats_shape, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc, "linfusion_ops: ", name, " must be ", acc, " for ",
+              x.scalar_type(), " x, got ", t.scalar_type());
+  check_same_device(x, "x", t, name);
 }
 
 // The backward takes what the forward saved: mean and rstd of shape x.shape[:-1] in the
@@ -247,16 +265,8 @@ inline int64_t check_layer_norm_backward_args(const at::Tensor& grad_out, const 
               x.sizes(), ", got ", grad_out.sizes());
   check_same_dtype(x, "x", grad_out, "grad_out");
   check_same_device(x, "x", grad_out, "grad_out");
-  const auto acc = accumulate_dtype(x.scalar_type());
-  const auto stats_shape = x.sizes().slice(0, x.dim() - 1);
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{mean, "mean"},
-                                std::pair<const at::Tensor&, const char*>{rstd, "rstd"}}) {
-    TORCH_CHECK(t.sizes() == stats_shape, "linfusion_ops: ", name,
-                " must have shape x.shape[:-1] = ", stats_shape, ", got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == acc, "linfusion_ops: ", name, " must be ", acc, " for ",
-                x.scalar_type(), " x, got ", t.scalar_type());
-    check_same_device(x, "x", t, name);
-  }
+  check_layer_norm_stat(x, mean, "mean");
+  check_layer_norm_stat(x, rstd, "rstd");
   return channels;
 }
 
