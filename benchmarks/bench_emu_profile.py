@@ -42,13 +42,14 @@ def tc_tile(dp):
     return 64 if dp <= 80 else 32
 
 
-def target_splits(kernel, n, bh, d, sms):
-    """Blocks per head the launcher gives `kernel` at N = n (mirror of linear_attention.cu)."""
+def target_splits(kernel, n, bh, d, sms, resident_per_sm):
+    """Blocks per head the launcher gives `kernel` at N = n (mirror of linear_attention.cu); the
+    tensor-core kernels fill one wave at their residency (resident_per_sm blocks per SM)."""
     if "state_partial_tc" in kernel:
-        return ep.split_count(n, bh, 64, sms)
+        return ep.split_count(n, bh, 64, sms, resident_per_sm=resident_per_sm)
     if "_tc_kernel" in kernel:
         dp = tc_dim(d)
-        return ep.split_count(n, bh, tc_tile(dp), sms, math.ceil(2 * dp / tc_tile(dp)))
+        return ep.split_count(n, bh, tc_tile(dp), sms, math.ceil(2 * dp / tc_tile(dp)), resident_per_sm)
     if "partial_generic" in kernel:
         tiles = math.ceil(d / outer_tile(d)) ** 2
         return ep.split_count(n, bh * tiles, 32, sms) * tiles
@@ -127,19 +128,20 @@ def analytic_fp32_flops(kernel, n, bh, d):
 
 
 def predict(fitted, n, scale, target_s, d, device, usage, grid_stride=False):
-    """Counters and predicted time of each launch at size n; target_s(kernel, n) gives the
-    launch's S there (None: the fit has no S term), scale multiplies per-head counters.
+    """Counters and predicted time of each launch at size n; target_s(kernel, n, resident blocks
+    per SM) gives the launch's S there (None: the fit has no S term), scale multiplies per-head
+    counters.
     grid_stride: the launches are grid-stride kernels whose launcher caps the grid at the
     resident blocks (ep.grid_stride_blocks), so the fitted block count is capped there too."""
     out, previous = [], 1.0
     for row in fitted:
         k = row["kernel"]
-        s = previous if ("reduce_partials" in k or "column_sum" in k) else target_s(k, n)
+        regs = usage.get(k, {}).get("registers")
+        occ = ep.occupancy(device, row["threads"], regs, row["smem"])
+        s = previous if ("reduce_partials" in k or "column_sum" in k) else target_s(k, n, occ["blocks_per_sm"])
         previous = s
         values = {key: max(0.0, scale * (a * n + b * (s or 0.0) + c)) for key, (a, b, c) in row["coef"].items()}
         blocks = max(values["blocks"], 1)
-        regs = usage.get(k, {}).get("registers")
-        occ = ep.occupancy(device, row["threads"], regs, row["smem"])
         if grid_stride:
             blocks = ep.grid_stride_blocks(device, blocks, row["threads"], regs, row["smem"])
         roof = ep.roofline(device, values["dram_bytes"], values["mma"] * emulated.MMA_FLOPS,
@@ -253,7 +255,7 @@ def main():
                     if op == "linear_attention":
                         bh = TARGET_B * TARGET_H
                         launch_pred = predict(fitted, n, bh / bh_e,
-                                              lambda k, nn: target_splits(k, nn, bh, d, sms), d, dev, usage[dev])
+                                              lambda k, nn, resident: target_splits(k, nn, bh, d, sms, resident), d, dev, usage[dev])
                         mb = ep.linear_attention_min_bytes(p, TARGET_B, n, TARGET_H, d, elem)
                     elif op == "layer_norm":
                         rows = TARGET_B * n
@@ -262,13 +264,13 @@ def main():
                         # grid-stride kernels: enough blocks for the rows, at most those resident
                         shape = {row["kernel"]: (row["threads"], row["smem"]) for row in fitted}
                         launch_pred = predict(fitted, rows, 1.0,
-                                              lambda k, nn: ep.grid_stride_blocks(
+                                              lambda k, nn, _resident: ep.grid_stride_blocks(
                                                   dev, math.ceil(nn / per_block[k]), shape[k][0],
                                                   usage[dev].get(k, {}).get("registers"), shape[k][1]),
                                               d, dev, usage[dev], grid_stride=True)
                         mb = min_bytes(op, p, rows, 1, d, elem)
                     else:
-                        launch_pred = predict(fitted, n, 1.0, lambda k, nn: None, d, dev, usage[dev],
+                        launch_pred = predict(fitted, n, 1.0, lambda k, nn, _resident: None, d, dev, usage[dev],
                                               grid_stride=True)
                         mb = min_bytes(op, p, n, 1, d, elem)
                     seconds = sum(x["seconds"] for x in launch_pred)

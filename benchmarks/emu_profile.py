@@ -118,11 +118,17 @@ def merge_min_bytes(pass_: str, kept_tokens: int, out_tokens: int, in_tokens: in
 BLOCKS_PER_SM = 4
 
 
-def split_count(tokens: int, blocks_per_range: int, tile: int, sms: int, min_tiles: int = 1) -> int:
-    target = BLOCKS_PER_SM * sms
+def split_count(tokens: int, blocks_per_range: int, tile: int, sms: int, min_tiles: int = 1,
+                resident_per_sm: int = 0) -> int:
+    """Ranges of N (mirror of split_tokens in linear_attention.cu): one full wave of
+    resident_per_sm blocks per SM, rounded down, for the tensor-core kernels (resident_per_sm > 0);
+    about BLOCKS_PER_SM blocks per SM, rounded up, for the others (0)."""
     tiles = math.ceil(tokens / tile)
     most = max(tiles // min_tiles, 1)
-    wanted = min(max(math.ceil(target / blocks_per_range), 1), most)
+    if resident_per_sm > 0:
+        wanted = min(max(resident_per_sm * sms // blocks_per_range, 1), most)
+    else:
+        wanted = min(max(math.ceil(BLOCKS_PER_SM * sms / blocks_per_range), 1), most)
     per_split = math.ceil(tiles / wanted) * tile
     return math.ceil(tokens / per_split)
 

@@ -42,7 +42,8 @@ _NAMESPACES = {"fast": "linfusion_ops_emu", "checked": "linfusion_ops_emu_checke
 _BUILD_VALUES = {"fast": "1", "checked": "checked"}
 
 _loaded: Dict[str, object] = {}  # flavour -> module, or None when it is not built
-_state = {"device": "H100", "multiprocessor_count": None, "schedule": "forward", "seed": 0, "flavour": "fast"}
+_state = {"device": "H100", "multiprocessor_count": None, "registers_per_thread": None, "schedule": "forward",
+          "seed": 0, "flavour": "fast"}
 
 
 def _check_flavour(flavour: str) -> None:
@@ -51,7 +52,7 @@ def _check_flavour(flavour: str) -> None:
 
 
 def _apply_settings(module) -> None:
-    module.set_device(_state["device"], _state["multiprocessor_count"] or 0)
+    module.set_device(_state["device"], _state["multiprocessor_count"] or 0, _state["registers_per_thread"] or 0)
     module.set_schedule(_state["schedule"], _state["seed"])
 
 
@@ -101,16 +102,24 @@ def ops(flavour: str = "fast"):
 
 # ---------------------------------------------------------------------------------------------
 # Knobs. They apply to every flavour's module, to the launches that follow.
-def set_device(name: str, *, multiprocessor_count: Optional[int] = None) -> None:
+def set_device(name: str, *, multiprocessor_count: Optional[int] = None,
+               registers_per_thread: Optional[int] = None) -> None:
     """Emulate device profile `name`: "H100" (sm_90, 132 SMs, 227 KB of opt-in shared memory per
     block; the default), "A100" (sm_80, 108 SMs, 163 KB), "sm86" (sm_86, 84 SMs, 99 KB) or "sm75"
     (sm_75, 40 SMs, 64 KB). multiprocessor_count overrides the profile's SM count (grid sizes of
-    the grid-stride kernels depend on it)."""
+    the grid-stride kernels depend on it). registers_per_thread (1-255; None: no limit) is the
+    register count cudaOccupancyMaxActiveBlocksPerMultiprocessor assumes for every kernel (64K
+    registers per SM, allocated per warp in units of 256), so that launchers which size their grid
+    by residency pick what they would for a kernel that heavy on a GPU; the emulated kernels
+    themselves know nothing of registers."""
     if name not in DEVICES:
         raise ValueError(f"linfusion_ops.emulated: device must be one of {DEVICES}, got {name!r}")
     if multiprocessor_count is not None and multiprocessor_count < 1:
         raise ValueError(f"linfusion_ops.emulated: multiprocessor_count must be >= 1, got {multiprocessor_count}")
+    if registers_per_thread is not None and not 1 <= registers_per_thread <= 255:
+        raise ValueError(f"linfusion_ops.emulated: registers_per_thread must be in [1, 255], got {registers_per_thread}")
     _state["device"], _state["multiprocessor_count"] = name, multiprocessor_count
+    _state["registers_per_thread"] = registers_per_thread
     for module in _each_loaded():
         _apply_settings(module)
 
@@ -133,7 +142,8 @@ def set_flavour(flavour: str) -> None:
 
 
 def current_settings() -> dict:
-    """{"device", "multiprocessor_count" (the effective count), "schedule", "seed", "flavour"}."""
+    """{"device", "multiprocessor_count" (the effective count), "registers_per_thread", "schedule",
+    "seed", "flavour"}."""
     settings = dict(_state)
     if settings["multiprocessor_count"] is None:
         module = next(iter(_each_loaded()), None)
@@ -148,20 +158,26 @@ def settings(
     schedule: Optional[str] = None,
     seed: Optional[int] = None,
     flavour: Optional[str] = None,
+    registers_per_thread: Optional[int] = None,
 ) -> Iterator[dict]:
     """Context manager: the given knobs inside the block (the others unchanged), the previous
     values restored on exit. Yields current_settings()."""
     saved = dict(_state)
     try:
         if device is not None or multiprocessor_count is not None:
-            set_device(device or _state["device"], multiprocessor_count=multiprocessor_count)
+            set_device(device or _state["device"], multiprocessor_count=multiprocessor_count,
+                       registers_per_thread=_state["registers_per_thread"])
+        if registers_per_thread is not None:
+            set_device(_state["device"], multiprocessor_count=_state["multiprocessor_count"],
+                       registers_per_thread=registers_per_thread)
         if schedule is not None or seed is not None:
             set_schedule(schedule or _state["schedule"], _state["seed"] if seed is None else seed)
         if flavour is not None:
             set_flavour(flavour)
         yield current_settings()
     finally:
-        set_device(saved["device"], multiprocessor_count=saved["multiprocessor_count"])
+        set_device(saved["device"], multiprocessor_count=saved["multiprocessor_count"],
+                   registers_per_thread=saved["registers_per_thread"])
         set_schedule(saved["schedule"], saved["seed"])
         set_flavour(saved["flavour"])
 

@@ -97,21 +97,31 @@ unsigned grid_size(int64_t blocks) {
   return static_cast<unsigned>(blocks);
 }
 
-// Splits N into ranges of whole tiles so that about kBlocksPerSm blocks run per SM in total
-// (blocks_per_range blocks share each range). B*H alone (16-40 at inference) is far below the
-// SM count, so pass 1 and the apply pass both split N.
+// Splits N into ranges of whole tiles. B*H alone (16-40 at inference) is far below the SM count,
+// so every pass splits N as well.
+//
+// resident_per_sm > 0 (the tensor-core kernels: the occupancy API's count for the kernel): one
+// full wave, resident_per_sm blocks on every SM, ranges rounded down to fit it. Measured on an
+// H200 at 4 blocks per SM, these kernels moved only the minimum bytes yet ran at 0.9-1.4 TB/s of
+// its 4.2 TB/s copy rate with a quarter of the warp slots filled (ncu): latency-bound, so every
+// block that can be resident should be; and no more than that, since a second, partial wave runs
+// no faster and each range of a kernel that writes split partials adds a DP x DP fp32 partial.
+// resident_per_sm == 0 (the generic fp32 kernels): about kBlocksPerSm blocks per SM, rounded up.
+// min_tiles: tiles per range at least (a block of the apply pass first loads the whole state).
 constexpr int64_t kBlocksPerSm = 4;
 
-// min_tiles: tiles per range at least (a block of the apply pass first loads the whole state).
 TokenSplit split_tokens(int64_t tokens, int64_t blocks_per_range, int64_t tile,
-                        int64_t min_tiles = 1) {
-  const int64_t target = kBlocksPerSm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+                        int64_t min_tiles = 1, int64_t resident_per_sm = 0) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t tiles = (tokens + tile - 1) / tile;
   // Rounded down: ceil(tiles / wanted) >= tiles / most >= min_tiles whenever there are 2+ ranges.
   const int64_t most = std::max<int64_t>(tiles / min_tiles, 1);
   const int64_t wanted =
-      std::clamp<int64_t>((target + blocks_per_range - 1) / blocks_per_range, 1, most);
-  const int64_t per_split = (tiles + wanted - 1) / wanted * tile;
+      resident_per_sm > 0
+          ? resident_per_sm * sms / blocks_per_range
+          : (kBlocksPerSm * sms + blocks_per_range - 1) / blocks_per_range;
+  const int64_t count = std::clamp<int64_t>(wanted, 1, most);
+  const int64_t per_split = (tiles + count - 1) / count * tile;
   return {tokens, per_split, (tokens + per_split - 1) / per_split};
 }
 
@@ -247,9 +257,9 @@ struct ApplyBackwardGenericByFeatureMap {
 
 // Split of the tokens for the per-token tensor-core kernels, with at least 2*DP tokens per
 // block: the fp32 matrix each block loads first is then at most the inputs it reads.
-TokenSplit tc_token_split(int64_t tokens, int64_t batch_heads, int dp) {
+TokenSplit tc_token_split(int64_t tokens, int64_t batch_heads, int dp, int64_t resident_per_sm) {
   const int tile = tc_token_tile(dp);
-  return split_tokens(tokens, batch_heads, tile, (2 * dp + tile - 1) / tile);
+  return split_tokens(tokens, batch_heads, tile, (2 * dp + tile - 1) / tile, resident_per_sm);
 }
 
 // The per-op launchers below are function templates so that `if constexpr` drops the
@@ -262,7 +272,9 @@ void launch_state(PartialArgs<scalar_t, acc_t>& args, FeatureMap feature_map, in
                   cudaStream_t stream) {
   if constexpr (kHasTensorCores<scalar_t>) {
     if (tc_dim > 0) {
-      args.split = split_tokens(args.split.tokens, args.batch_heads, kTcPartialTokens);
+      args.split = split_tokens(
+          args.split.tokens, args.batch_heads, kTcPartialTokens, 1,
+          tc_blocks_per_sm<scalar_t>(TcKernel::kStatePartial, feature_map, tc_dim));
       args.ld_x = args.ld_y = tc_dim;
       const Partials p = make_partials(state.options(), args.batch_heads, args.heads, args.split,
                                        args.dx, args.dy, tc_dim, tc_dim);
@@ -283,7 +295,9 @@ void launch_apply(TokenArgs<scalar_t, acc_t>& args, FeatureMap feature_map, int 
                   const at::Tensor& q, const at::Tensor& out, cudaStream_t stream) {
   if constexpr (kHasTensorCores<scalar_t>) {
     if (tc_dim > 0) {
-      args.split = tc_token_split(args.tokens, args.batch_heads, tc_dim);
+      args.split =
+          tc_token_split(args.tokens, args.batch_heads, tc_dim,
+                         tc_blocks_per_sm<scalar_t>(TcKernel::kApply, feature_map, tc_dim));
       args.vec_x = vector_access(q, args.dk);
       args.vec_out_y = vector_access(out, args.dv);
       launch_apply_tc<scalar_t>(args, feature_map, tc_dim, stream);
@@ -302,7 +316,9 @@ void launch_apply_backward(TokenArgs<scalar_t, acc_t>& args, FeatureMap feature_
                            at::Tensor& grad_key_mean, cudaStream_t stream) {
   if constexpr (kHasTensorCores<scalar_t>) {
     if (tc_dim > 0) {
-      args.split = tc_token_split(args.tokens, args.batch_heads, tc_dim);
+      args.split = tc_token_split(
+          args.tokens, args.batch_heads, tc_dim,
+          tc_blocks_per_sm<scalar_t>(TcKernel::kApplyBackward, feature_map, tc_dim));
       args.vec_x = vector_access(q, args.dk);
       args.vec_y = vector_access(grad_out, args.dv);
       const Partials p = make_partials(grad_state.options(), args.batch_heads, args.heads,
@@ -374,7 +390,9 @@ void launch_state_backward(TokenArgs<scalar_t, acc_t>& args, FeatureMap feature_
                            const at::Tensor& k, const at::Tensor& v, cudaStream_t stream) {
   if constexpr (kHasTensorCores<scalar_t>) {
     if (tc_dim > 0) {
-      args.split = tc_token_split(args.tokens, args.batch_heads, tc_dim);
+      args.split = tc_token_split(
+          args.tokens, args.batch_heads, tc_dim,
+          tc_blocks_per_sm<scalar_t>(TcKernel::kStateBackward, feature_map, tc_dim));
       args.vec_x = vector_access(k, args.dk);
       args.vec_y = vector_access(v, args.dv);
       launch_state_backward_tc<scalar_t>(args, feature_map, tc_dim, stream);

@@ -1598,6 +1598,11 @@ void launch_apply_backward_tc(const TokenArgs<scalar_t, float>& args, float* par
                               float* partial_sum, FeatureMap feature_map, int dp,
                               cudaStream_t stream);
 
+// Resident blocks per SM of one tensor-core kernel (the occupancy API: on a GPU, the real
+// compiler's registers), which sizes its split (split_tokens).
+template <typename scalar_t>
+int tc_blocks_per_sm(TcKernel which, FeatureMap feature_map, int dp);
+
 template <typename scalar_t>
 void launch_state_backward_tc(const TokenArgs<scalar_t, float>& args, FeatureMap feature_map,
                               int dp, cudaStream_t stream);

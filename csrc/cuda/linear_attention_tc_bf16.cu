@@ -10,6 +10,7 @@ template void launch_apply_tc<at::BFloat16>(const TokenArgs<at::BFloat16, float>
                                      cudaStream_t);
 template void launch_apply_backward_tc<at::BFloat16>(const TokenArgs<at::BFloat16, float>&, float*, float*,
                                               FeatureMap, int, cudaStream_t);
+template int tc_blocks_per_sm<at::BFloat16>(TcKernel, FeatureMap, int);
 template void launch_state_backward_tc<at::BFloat16>(const TokenArgs<at::BFloat16, float>&, FeatureMap, int,
                                               cudaStream_t);
 

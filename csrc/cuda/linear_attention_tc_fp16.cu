@@ -10,6 +10,7 @@ template void launch_apply_tc<at::Half>(const TokenArgs<at::Half, float>&, Featu
                                      cudaStream_t);
 template void launch_apply_backward_tc<at::Half>(const TokenArgs<at::Half, float>&, float*, float*,
                                               FeatureMap, int, cudaStream_t);
+template int tc_blocks_per_sm<at::Half>(TcKernel, FeatureMap, int);
 template void launch_state_backward_tc<at::Half>(const TokenArgs<at::Half, float>&, FeatureMap, int,
                                               cudaStream_t);
 

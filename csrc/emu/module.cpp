@@ -26,13 +26,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("flavour") = "fast";
 #endif
   m.def("set_device", &emu::set_device, pybind11::arg("name"),
-        pybind11::arg("multiprocessor_count") = 0);
+        pybind11::arg("multiprocessor_count") = 0, pybind11::arg("registers_per_thread") = 0);
   m.def("set_schedule", &emu::set_schedule, pybind11::arg("order"), pybind11::arg("seed") = 0);
   m.def("current_settings", [] {
     const emu::Settings s = emu::current_settings();
     pybind11::dict d;
     d["device"] = s.device;
     d["multiprocessor_count"] = s.multiprocessor_count;
+    d["registers_per_thread"] = s.registers_per_thread;
     d["schedule"] = s.schedule;
     d["seed"] = s.seed;
     return d;

@@ -63,6 +63,8 @@ constexpr Profile kProfiles[] = {
 constexpr size_t kDefaultSmem = 48 * 1024;
 constexpr size_t kDynamicSmemCapacity = 227 * 1024;
 constexpr int kMaxThreads = 1024;
+constexpr int kRegistersPerSm = 64 * 1024;
+constexpr int kMaxRegistersPerThread = 255;
 constexpr size_t kStackBytes = 256 * 1024;
 
 enum class Order { kForward, kReverse, kShuffle };
@@ -71,6 +73,7 @@ constexpr const char* kOrderNames[] = {"forward", "reverse", "shuffle"};
 struct Config {
   const Profile* profile = &kProfiles[0];
   int multiprocessor_count = kProfiles[0].multiprocessor_count;
+  int registers_per_thread = 0;  // 0: the occupancy query ignores registers
   Order order = Order::kForward;
   uint64_t seed = 0;
 };
@@ -655,6 +658,12 @@ int max_active_blocks(int block_threads, size_t dynamic_smem) {
   if (dynamic_smem > 0) {
     blocks = std::min<int>(blocks, static_cast<int>((p.smem_optin + 1024) / dynamic_smem));
   }
+  if (g_config.registers_per_thread > 0) {
+    // Registers are allocated per warp in units of 256 (every profile: 64K per SM).
+    const int warps = (std::max(block_threads, 1) + 31) / 32;
+    const int per_warp = (g_config.registers_per_thread * 32 + 255) / 256 * 256;
+    blocks = std::min(blocks, kRegistersPerSm / (per_warp * warps));
+  }
   return std::max(blocks, 0);
 }
 
@@ -736,14 +745,18 @@ void launch(const Launch& l) {
 
 // ---------------------------------------------------------------------------------------------
 // Knobs.
-void set_device(const std::string& name, int multiprocessor_count) {
+void set_device(const std::string& name, int multiprocessor_count, int registers_per_thread) {
   std::lock_guard<std::mutex> lock(g_mutex);
   for (const Profile& p : kProfiles) {
     if (name == p.name) {
       TORCH_CHECK(multiprocessor_count >= 0,
                   "linfusion_ops emulator: multiprocessor_count must be positive, got ",
                   multiprocessor_count);
+      TORCH_CHECK(registers_per_thread >= 0 && registers_per_thread <= kMaxRegistersPerThread,
+                  "linfusion_ops emulator: registers_per_thread must be in [0, ",
+                  kMaxRegistersPerThread, "], got ", registers_per_thread);
       g_config.profile = &p;
+      g_config.registers_per_thread = registers_per_thread;
       g_config.multiprocessor_count =
           multiprocessor_count > 0 ? multiprocessor_count : p.multiprocessor_count;
       update_properties();
@@ -769,7 +782,7 @@ void set_schedule(const std::string& order, uint64_t seed) {
 
 Settings current_settings() {
   std::lock_guard<std::mutex> lock(g_mutex);
-  return {g_config.profile->name, g_config.multiprocessor_count,
+  return {g_config.profile->name, g_config.multiprocessor_count, g_config.registers_per_thread,
           kOrderNames[static_cast<int>(g_config.order)], g_config.seed};
 }
 

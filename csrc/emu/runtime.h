@@ -12,11 +12,14 @@ namespace linfusion_ops {
 namespace emu {
 
 // Knobs, applied to the launches that follow.
-void set_device(const std::string& name, int multiprocessor_count);  // 0: the profile's count
+// multiprocessor_count 0: the profile's count. registers_per_thread: the registers every kernel is
+// taken to use in cudaOccupancyMaxActiveBlocksPerMultiprocessor (0: registers do not limit it).
+void set_device(const std::string& name, int multiprocessor_count, int registers_per_thread = 0);
 void set_schedule(const std::string& order, uint64_t seed);
 struct Settings {
   std::string device;
   int multiprocessor_count;
+  int registers_per_thread;
   std::string schedule;
   uint64_t seed;
 };

@@ -28,8 +28,8 @@ def test_predict_caps_grid_stride_launches_at_one_wave():
     usage = {"copy_kernel": {"registers": 58}}
     n = 1000  # 10,000 blocks of work, 16 MB
     fitted = _fitted(10.0, 16e3)
-    plain = bench.predict(fitted, n, 1.0, lambda k, nn: None, 64, "H100", usage)[0]
-    capped = bench.predict(fitted, n, 1.0, lambda k, nn: None, 64, "H100", usage, grid_stride=True)[0]
+    plain = bench.predict(fitted, n, 1.0, lambda k, nn, _resident: None, 64, "H100", usage)[0]
+    capped = bench.predict(fitted, n, 1.0, lambda k, nn, _resident: None, 64, "H100", usage, grid_stride=True)[0]
     assert plain["waves"] == math.ceil(10_000 / 528) and plain["bound"] == "latency"
     assert capped["blocks"] == 528 and capped["waves"] == 1
     # One wave: the launch is bound by its 16 MB of traffic, not by 19 waves of latency.
