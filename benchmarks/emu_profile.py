@@ -4,8 +4,13 @@ traffic, theoretical occupancy from nvcc's resource usage, a roofline bound per 
 extrapolation of emulated counters to real sizes. Every time it gives is *predicted*.
 
 Roofline per launch: time >= max(DRAM bytes / bandwidth, FLOPs / peak of the unit used,
-waves x WAVE_FLOOR_S), where DRAM bytes are the launch's distinct 32-byte sectors (L2 catching
-every reuse within the launch), waves = ceil(blocks / (SMs x resident blocks per SM)).
+shared-memory wavefronts / (SMs x clock), waves x WAVE_FLOOR_S), where DRAM bytes are the
+launch's distinct 32-byte sectors (L2 catching every reuse within the launch), a shared-memory
+pipe serves one wavefront per clock per SM, and waves = ceil(blocks / (SMs x resident blocks per
+SM)). Next to that bound, "serial_s" is the same terms added instead of overlapped (DRAM, then
+shared memory, then math): what a kernel takes when each block's load, shared-memory and math
+phases alternate between barriers and too few warps are resident to overlap them. On the H200
+the tensor-core passes measured between the two (benchmarks/README.md, "First GPU results").
 """
 
 import json
@@ -26,14 +31,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # per SM on sm_80 / sm_90, 1,536 threads and 16 blocks on sm_86; shared memory per SM 228 KB on
 # sm_90, 164 KB on sm_80, 100 KB on sm_86; 1 KB of it reserved per block; registers allocated
 # per warp in units of 256). sm_86 is modelled for occupancy only, with the sm_80 cubin's
-# register counts.
+# register counts. NVIDIA H200 datasheet (H200 SXM: HBM3e 4.8 TB/s, the H100 SXM's SMs and
+# tensor peaks). Clocks: the boost clocks of the same datasheets (1,980 MHz H100 / H200 SXM,
+# 1,410 MHz A100); the shared-memory pipe serves one 128-byte wavefront per clock per SM.
 DEVICES = {
     "H100": {"label": "H100 SXM5", "arch": "sm90", "sms": 132, "dram_bytes_per_s": 3.35e12,
-             "tensor_flops": 989.4e12, "fp32_flops": 66.9e12, "smem_per_sm": 228 * 1024,
-             "threads_per_sm": 2048, "blocks_per_sm": 32},
+             "tensor_flops": 989.4e12, "fp32_flops": 66.9e12, "clock_hz": 1.98e9,
+             "smem_per_sm": 228 * 1024, "threads_per_sm": 2048, "blocks_per_sm": 32},
+    "H200": {"label": "H200 SXM", "arch": "sm90", "sms": 132, "dram_bytes_per_s": 4.8e12,
+             "tensor_flops": 989.4e12, "fp32_flops": 66.9e12, "clock_hz": 1.98e9,
+             "smem_per_sm": 228 * 1024, "threads_per_sm": 2048, "blocks_per_sm": 32},
     "A100": {"label": "A100 SXM4 80GB", "arch": "sm80", "sms": 108, "dram_bytes_per_s": 2.039e12,
-             "tensor_flops": 312e12, "fp32_flops": 19.5e12, "smem_per_sm": 164 * 1024,
-             "threads_per_sm": 2048, "blocks_per_sm": 32},
+             "tensor_flops": 312e12, "fp32_flops": 19.5e12, "clock_hz": 1.41e9,
+             "smem_per_sm": 164 * 1024, "threads_per_sm": 2048, "blocks_per_sm": 32},
     "sm86": {"label": "sm_86 (84 SMs)", "arch": "sm80", "sms": 84, "smem_per_sm": 100 * 1024,
              "threads_per_sm": 1536, "blocks_per_sm": 16},
 }
@@ -77,16 +87,20 @@ def grid_stride_blocks(device: str, work_blocks: float, threads: int, registers:
 
 
 def roofline(device: str, dram_bytes: float, tensor_flops: float, fp32_flops: float, blocks: float,
-             blocks_per_sm: int) -> dict:
-    """Predicted lower bound of one launch's time (seconds) and which term sets it."""
+             blocks_per_sm: int, shared_wavefronts: float = 0.0) -> dict:
+    """Predicted lower bound of one launch's time (seconds), which term sets it, and the serial
+    estimate (the DRAM, shared-memory and math terms added: no overlap of a block's phases)."""
     d = DEVICES[device]
     waves = math.ceil(blocks / (d["sms"] * max(blocks_per_sm, 1)))
     terms = {"memory": dram_bytes / d["dram_bytes_per_s"],
              "tensor": tensor_flops / d["tensor_flops"],
              "fp32": fp32_flops / d["fp32_flops"],
+             "shared": shared_wavefronts / (d["sms"] * d["clock_hz"]),
              "latency": waves * WAVE_FLOOR_S}
     bound = max(terms, key=terms.get)
-    return {"seconds": terms[bound], "bound": bound, "waves": waves, **{f"{k}_s": v for k, v in terms.items()}}
+    serial = max(terms["memory"] + terms["shared"] + max(terms["tensor"], terms["fp32"]), terms["latency"])
+    return {"seconds": terms[bound], "bound": bound, "serial_s": serial, "waves": waves,
+            **{f"{k}_s": v for k, v in terms.items()}}
 
 
 # ---------------------------------------------------------------------------------------------

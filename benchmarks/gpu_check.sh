@@ -4,7 +4,8 @@
 #   2. runs the test suite (`-m "not slow"`), then the slow tests if time allows;
 #   3. runs benchmarks/bench_gpu.py, which writes <date>_<commit>_<gpu>.json and .png;
 #   4. runs benchmarks/gpu_vs_model.py: measured times next to the emulator model's predictions
-#      (and Nsight Compute counters when ncu exists), gpu_vs_model_<gpu>.json.
+#      (and Nsight Compute counters when ncu exists), gpu_vs_model_<gpu>.json, and appends to
+#      its log the run against the current model (gpu_vs_model.py --analyse).
 # Logs and results go to ${OUT:-benchmarks/results}: at most 8 files (what a lent machine returns).
 # Measured on an H200 (16 cores) at 4de0116: build 86 s; benchmark, model check and 60 s of ncu
 # about 150 s; the fast tests in one process about 6 min (17 % took 66 s), hence the workers and
@@ -76,6 +77,12 @@ ncu_flag=""
 if command -v ncu > /dev/null && [ "$(elapsed)" -lt "$NCU_IF_ELAPSED_BELOW" ]; then ncu_flag="--ncu"; fi
 timeout 240 "$PYTHON" benchmarks/gpu_vs_model.py --out "$OUT_DIR" $ncu_flag --ncu-seconds "$NCU_SECONDS" 2>&1 | tee "$OUT_DIR/gpu_check_model.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# The run against the current model (bound, serial estimate, emulator vs ncu per kernel): tables
+# into the model log; its JSON stays out of OUT_DIR (8 files come back), --analyse remakes it.
+gpu_json=$(ls -t "$OUT_DIR"/gpu_vs_model_*.json 2> /dev/null | grep -v _analysis | head -1)  # the newest
+if [ -n "$gpu_json" ]; then
+  "$PYTHON" benchmarks/gpu_vs_model.py --analyse "$gpu_json" --out "$(mktemp -d)" >> "$OUT_DIR/gpu_check_model.log" 2>&1 || status=1
+fi
 echo "gpu_check: model check done at $(elapsed)s"
 echo "gpu_check: finished in $(elapsed)s with status $status (results in $OUT_DIR)"
 exit $status
