@@ -921,11 +921,26 @@ __device__ inline void load_rows_tc(T* smem, const T* src, const TokenMajorLayou
   }
 }
 
-// Shared-memory GEMM on the tensor cores, one 16 x 16 output tile per warp at a time:
-// C (ROWS x COLS, fp32, ld LDC) = A (ROWS x K, row-major, ld LDA) (B_hi + B_lo), where B is
-// K x COLS, stored row-major (B[k][n] at b[k * LDB + n]) or, with B_TRANSPOSED, as the transpose
-// of a row-major matrix (B[k][n] at b[n * LDB + k]). B_hi + B_lo is an fp32 matrix split into two
-// 16-bit halves (split_hi_lo), so the product keeps ~16 (bf16) or ~22 (fp16) mantissa bits.
+// Output row tiles a warp of gemm_hi_lo_to_smem computes at once: the most (each B fragment,
+// hi and lo, loaded once per k-step serves them all) that still leaves every warp at least one
+// unit of work (ROW_TILES / group row tiles x COL_TILES columns >= warps); a divisor of ROW_TILES.
+__host__ __device__ constexpr int tc_row_group(int row_tiles, int col_tiles, int warps) {
+  int best = 1;
+  for (int g = 1; g <= row_tiles; ++g) {
+    if (row_tiles % g == 0 && (row_tiles / g) * col_tiles >= warps) best = g;
+  }
+  return best;
+}
+
+// Shared-memory GEMM on the tensor cores: C (ROWS x COLS, fp32, ld LDC) = A (ROWS x K, row-major,
+// ld LDA) (B_hi + B_lo), where B is K x COLS, stored row-major (B[k][n] at b[k * LDB + n]) or,
+// with B_TRANSPOSED, as the transpose of a row-major matrix (B[k][n] at b[n * LDB + k]).
+// B_hi + B_lo is an fp32 matrix split into two 16-bit halves (split_hi_lo), so the product keeps
+// ~16 (bf16) or ~22 (fp16) mantissa bits. A warp's unit of work is a column of 16 and a group of
+// tc_row_group row tiles: per k-step it loads the two B fragments once for the group (before:
+// once per output tile, (2 + 1) fragment loads per MMA pair; now (2 + group) per group), which
+// is most of the shared-memory traffic of the per-token kernels. Each output tile still sums its
+// k-steps in the same order (hi, then lo, k-step after k-step): the result is unchanged.
 template <typename T, int ROWS, int COLS, int K, int LDA, int LDB, int LDC, bool B_TRANSPOSED,
           int NWARPS>
 __device__ inline void gemm_hi_lo_to_smem(const T* a, const T* b_hi, const T* b_lo, float* c) {
@@ -934,22 +949,31 @@ __device__ inline void gemm_hi_lo_to_smem(const T* a, const T* b_hi, const T* b_
   static_assert(LDA % 8 == 0 && LDB % 8 == 0 && LDC % 4 == 0, "WMMA leading dimensions");
   using BLayout = std::conditional_t<B_TRANSPOSED, wmma::col_major, wmma::row_major>;
   constexpr int kColTiles = COLS / 16;
-  for (int tile = threadIdx.x / kWarpSize; tile < (ROWS / 16) * kColTiles; tile += NWARPS) {
-    const int m = tile / kColTiles, n = tile % kColTiles;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::fill_fragment(acc, 0.f);
+  constexpr int kGroup = tc_row_group(ROWS / 16, kColTiles, NWARPS);
+  constexpr int kUnits = (ROWS / 16 / kGroup) * kColTiles;
+  for (int unit = threadIdx.x / kWarpSize; unit < kUnits; unit += NWARPS) {
+    const int m0 = (unit / kColTiles) * kGroup, n = unit % kColTiles;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kGroup];
+#pragma unroll
+    for (int r = 0; r < kGroup; ++r) wmma::fill_fragment(acc[r], 0.f);
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb_hi, fb_lo;
       const int b_offset = B_TRANSPOSED ? n * 16 * LDB + kk * 16 : kk * 16 * LDB + n * 16;
-      wmma::load_matrix_sync(fa, a + m * 16 * LDA + kk * 16, LDA);
-      wmma::load_matrix_sync(fb, b_hi + b_offset, LDB);
-      wmma::mma_sync(acc, fa, fb, acc);
-      wmma::load_matrix_sync(fb, b_lo + b_offset, LDB);
-      wmma::mma_sync(acc, fa, fb, acc);
+      wmma::load_matrix_sync(fb_hi, b_hi + b_offset, LDB);
+      wmma::load_matrix_sync(fb_lo, b_lo + b_offset, LDB);
+#pragma unroll
+      for (int r = 0; r < kGroup; ++r) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, a + (m0 + r) * 16 * LDA + kk * 16, LDA);
+        wmma::mma_sync(acc[r], fa, fb_hi, acc[r]);
+        wmma::mma_sync(acc[r], fa, fb_lo, acc[r]);
+      }
     }
-    wmma::store_matrix_sync(c + m * 16 * LDC + n * 16, acc, LDC, wmma::mem_row_major);
+#pragma unroll
+    for (int r = 0; r < kGroup; ++r) {
+      wmma::store_matrix_sync(c + (m0 + r) * 16 * LDC + n * 16, acc[r], LDC, wmma::mem_row_major);
+    }
   }
 }
 

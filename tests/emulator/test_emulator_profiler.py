@@ -5,8 +5,8 @@ efficiency, 4 sectors per request), a stride-2 copy (50 %), a 32-way bank confli
 for one request), a 32 x 32 transpose through shared memory padded to 33 words per row
 (conflict-free) and unpadded (32-way), and an MMA count. Then every production kernel, at small
 shapes, must stay within the committed budget of emulator_profile_budget.json (load / store
-efficiency, bank-conflict ways, DRAM bytes per launch), so a change that uncoalesces an access or
-adds a conflict fails here. After a deliberate improvement, rewrite the budget with
+efficiency, bank-conflict ways, DRAM bytes and shared-memory wavefronts per launch), so a change
+that uncoalesces an access, adds a conflict or re-reads shared memory fails here. After a deliberate improvement, rewrite the budget with
 LINFUSION_OPS_WRITE_PROFILE_BUDGET=1 python -m pytest tests/emulator/test_emulator_profiler.py
 (benchmarks/README.md, "Emulator profile").
 """
@@ -154,13 +154,15 @@ CASES = {
     "merge_segments_fp16": lambda: emu_profile.run_merge(torch.float16, 4),
     "merge_segments_fp16_planned": lambda: emu_profile.run_merge(torch.float16, 258, channels=64, length=9),
 }
-# Per launch: at least the budget's efficiencies, at most its conflict ways and DRAM bytes.
+# Per launch: at least the budget's efficiencies, at most its conflict ways, DRAM bytes and
+# shared-memory wavefronts (loads + stores: on the H200 the tensor-core kernels' bound).
 FLOORS = ("global_load_efficiency", "global_store_efficiency")
-CEILINGS = ("shared_load_conflict_ways", "shared_store_conflict_ways", "dram_bytes")
+CEILINGS = ("shared_load_conflict_ways", "shared_store_conflict_ways", "dram_bytes", "shared_wavefronts")
 
 
 def launch_counters(r):
     s = emu_profile.summarize([r])
+    s["shared_wavefronts"] = r["shared_load"]["wavefronts"] + r["shared_store"]["wavefronts"]
     return {"kernel": r["kernel"], **{k: s[k] for k in FLOORS + CEILINGS}}
 
 
