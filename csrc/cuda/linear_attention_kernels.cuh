@@ -922,8 +922,11 @@ __device__ inline void load_rows_tc(T* smem, const T* src, const TokenMajorLayou
 }
 
 // Output row tiles a warp of gemm_hi_lo_to_smem computes at once: the most (each B fragment,
-// hi and lo, loaded once per k-step serves them all) that still leaves every warp at least one
-// unit of work (ROW_TILES / group row tiles x COL_TILES columns >= warps); a divisor of ROW_TILES.
+// hi and lo, loaded once per k-step serves them all) that still leaves every warp a unit of work
+// (ROW_TILES / group row tiles x COL_TILES columns >= warps); a divisor of ROW_TILES. Larger
+// groups (4 row tiles for the 8-warp apply backward) cut a few more wavefronts but cost it
+// 4 x 8 accumulator registers: 166-172 per thread at D = 48-80 on sm_90, one block per SM
+// instead of two.
 __host__ __device__ constexpr int tc_row_group(int row_tiles, int col_tiles, int warps) {
   int best = 1;
   for (int g = 1; g <= row_tiles; ++g) {
@@ -1017,9 +1020,19 @@ __device__ inline int fp16_range_shift(const float* m, int count, unsigned* s_bi
   return min(max(14 - exponent, -126), 126);  // 2^-126 and 2^126: normal floats
 }
 
-// acc[i] += A^T B for the output tiles of this warp (tile = warp + i * NWARPS of the
-// (DP/16)^2 tiles): A and B are TOK x DP row-major in shared memory (ld LD), so A^T is read
-// column-major. The accumulators stay in registers across token tiles.
+// The i-th of a warp's output tiles in accumulate_outer_tc / store_outer_tc: a contiguous run
+// of TILES_PER_WARP tiles of the (DP/16)^2, row-major, so that consecutive tiles share their
+// row and accumulate_outer_tc loads that row's A fragment once for them (round-robin tiles,
+// warp + i * NWARPS, shared none at D = 48, 80, 160). Past the last tile: skipped.
+template <int NWARPS, int TILES_PER_WARP>
+__device__ inline int outer_tile_tc(int warp, int i) {
+  return warp * TILES_PER_WARP + i;
+}
+
+// acc[i] += A^T B for the output tiles of this warp (outer_tile_tc of the (DP/16)^2 tiles): A and
+// B are TOK x DP row-major in shared memory (ld LD), so A^T is read column-major. The
+// accumulators stay in registers across token tiles. Per k-step a warp loads one A fragment per
+// distinct row of its tiles and one B fragment per tile.
 template <typename T, int DP, int TOK, int LD, int NWARPS, int TILES_PER_WARP>
 __device__ inline void accumulate_outer_tc(
     nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[TILES_PER_WARP],
@@ -1031,15 +1044,19 @@ __device__ inline void accumulate_outer_tc(
   const int warp = threadIdx.x / kWarpSize;
 #pragma unroll
   for (int kk = 0; kk < TOK / 16; ++kk) {
+    // A^T: element (row i of the output, token t) sits at a[t * LD + i]: column-major.
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
+    int fa_row = -1;  // the output tile row fa holds (warp-uniform)
 #pragma unroll
     for (int i = 0; i < TILES_PER_WARP; ++i) {
-      const int tile = warp + i * NWARPS;
+      const int tile = outer_tile_tc<NWARPS, TILES_PER_WARP>(warp, i);
       if (tile < kTilesPerDim * kTilesPerDim) {  // warp-uniform
         const int m = tile / kTilesPerDim, n = tile % kTilesPerDim;
-        // A^T: element (row i of the output, token t) sits at a[t * LD + i]: column-major.
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
+        if (m != fa_row) {
+          wmma::load_matrix_sync(fa, a + kk * 16 * LD + m * 16, LD);
+          fa_row = m;
+        }
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-        wmma::load_matrix_sync(fa, a + kk * 16 * LD + m * 16, LD);
         wmma::load_matrix_sync(fb, b + kk * 16 * LD + n * 16, LD);
         wmma::mma_sync(acc[i], fa, fb, acc[i]);
       }
@@ -1058,7 +1075,7 @@ __device__ inline void store_outer_tc(
   const int warp = threadIdx.x / kWarpSize;
 #pragma unroll
   for (int i = 0; i < TILES_PER_WARP; ++i) {
-    const int tile = warp + i * NWARPS;
+    const int tile = outer_tile_tc<NWARPS, TILES_PER_WARP>(warp, i);
     if (tile < kTilesPerDim * kTilesPerDim) {
       const int m = tile / kTilesPerDim, n = tile % kTilesPerDim;
       wmma::store_matrix_sync(partial_outer + (m * 16) * DP + n * 16, acc[i], DP,
@@ -1069,7 +1086,7 @@ __device__ inline void store_outer_tc(
 
 // Split-N partials of the state with tensor cores: partial_outer[s] (DP x DP) = A^T V over the
 // split's tokens, A = phi(k) keep (tokens x DP), and partial_sum[s] (DP) = sum_t a_t.
-// 8 warps own the (DP/16)^2 output tiles round-robin; grid.x = (batch * heads) * splits.
+// 8 warps own runs of the (DP/16)^2 output tiles (outer_tile_tc); grid.x = (batch * heads) * splits.
 constexpr int kTcPartialWarps = 8;
 constexpr int kTcPartialTokens = 64;  // 2 x 64 x (160 + 8) x 2 bytes < 48 KiB of static smem
 
