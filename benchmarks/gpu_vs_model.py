@@ -19,8 +19,8 @@ roofline bound is tight; well above 1, the model misses what it cannot see (L2 m
 not hidden, clocks).
 
 --analyse re-predicts a recorded run with the current model (benchmarks/emu_profile.py) for the
-device it ran on, from the per-launch counters that emu_profile.json extrapolated to the 64K
-size, and sets the emulator's counters beside ncu's per kernel (DRAM bytes, shared-memory
+device it ran on, from the per-launch counters that bench_emu_profile.py extrapolated to the 64K
+size for the kernels that run measured (matched_model_path), and sets the emulator's counters beside ncu's per kernel (DRAM bytes, shared-memory
 wavefronts, time against the bound and the serial estimate); it writes
 gpu_vs_model_<gpu>_analysis.json into --out and prints the tables of benchmarks/README.md.
 """
@@ -172,6 +172,14 @@ def ncu_by_kernel(launches) -> dict:
     return {k: {m: sum(x.get(m, 0.0) for x in ms) / len(ms) for m in ms[0]} for k, ms in groups.items()}
 
 
+def matched_model_path(measured: dict) -> Path:
+    """The emulator counters of the kernels a run measured: results/emu_profile_<its commit>.json
+    (bench_emu_profile.py run on that commit) when committed, else the current emu_profile.json
+    (right when the kernels did not change since the run)."""
+    matched = RESULTS / f"emu_profile_{measured.get('commit')}.json"
+    return matched if matched.exists() else RESULTS / "emu_profile.json"
+
+
 def analyse(measured: dict, model: dict) -> dict:
     """A recorded gpu_vs_model run against the current model: per case, measured time over the
     roofline bound and over the serial estimate for the device it ran on; per kernel profiled by
@@ -272,11 +280,14 @@ def main():
     parser.add_argument("--ncu-seconds", type=float, default=90.0, help="time limit of the ncu runs together")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, run under ncu
     parser.add_argument("--analyse", metavar="JSON", help="re-predict a recorded run with the current model (no GPU)")
-    parser.add_argument("--model", default=str(RESULTS / "emu_profile.json"), help="the model's predictions (with --analyse)")
+    parser.add_argument("--model", help="the model's counters (with --analyse; default: matched_model_path)")
     args = parser.parse_args()
     if args.analyse:
         source = Path(args.analyse)
-        doc = analyse(json.loads(source.read_text()), json.loads(Path(args.model).read_text()))
+        measured = json.loads(source.read_text())
+        model_path = Path(args.model) if args.model else matched_model_path(measured)
+        doc = analyse(measured, json.loads(model_path.read_text()))
+        doc["model_file"] = model_path.name
         path = Path(args.out) / (source.stem + "_analysis.json")
         path.write_text(json.dumps(doc, indent=1) + "\n")
         print(render_analysis(doc), end="")
