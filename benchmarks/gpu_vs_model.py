@@ -184,7 +184,7 @@ def analyse(measured: dict, model: dict) -> dict:
     """A recorded gpu_vs_model run against the current model: per case, measured time over the
     roofline bound and over the serial estimate for the device it ran on; per kernel profiled by
     ncu, the emulator's extrapolated counters over ncu's."""
-    device = "H200" if "H200" in measured["device"] else model_device_for(measured["device"], ("H100", "A100"))
+    device = model_device_for(measured["device"], ep.DEVICES)
     source = "A100" if device == "A100" else "H100"
     by_case = {}
     for e in model["results"]:
